@@ -1,0 +1,261 @@
+"""One YAML config for everything, validated by pydantic with messages a user can act on.
+
+Unknown keys are errors that name the key and suggest the nearest known one, because a typo
+(`micro_bach_size`) that is silently ignored wastes a training run.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from exemplar.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    path: str | None = None  # local folder or Hub id
+    from_config: str | dict[str, Any] | None = None  # config.json path or mapping with model_type
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None  # None: sdpa where supported
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.path is None) == (self.from_config is None):
+            raise ValueError("set exactly one of model.path or model.from_config")
+        return self
+
+
+class DatasetSpec(_Strict):
+    path: str  # file, folder (saved HF dataset or folder of files), or Hub dataset id
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokenized"] = (
+        "auto"
+    )
+    weight: float = Field(1.0, gt=0)  # examples per epoch = weight x rows (seeded subsample when < 1)
+    columns: dict[str, str] = Field(default_factory=dict)  # canonical field -> field name in this file
+    split: str = "train"  # for Hub ids and DatasetDict folders
+    name: str | None = None  # Hub dataset config name
+    file_type: Literal["auto", "json", "jsonl", "parquet", "csv", "arrow"] = "auto"
+
+
+class DataConfig(_Strict):
+    train: list[DatasetSpec]
+    eval: list[DatasetSpec] | None = None
+    eval_fraction: float = Field(0.0, ge=0, lt=1)  # held out from train when eval is not given
+    num_proc: int | None = None  # preprocessing processes; None: min(cores, 8)
+    cache_dir: str | None = None  # None: $EXEMPLAR_CACHE or ~/.cache/exemplar
+    shuffle: bool = True
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _single_to_list(cls, value: Any) -> Any:
+        if isinstance(value, (dict, str)):
+            value = [value]
+        if isinstance(value, list):
+            return [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+class MaskConfig(_Strict):
+    train_roles: list[str] = Field(default_factory=lambda: ["assistant"])
+    last_turn_only: bool = False  # train only the last trained-role message of each conversation
+    train_on_everything: bool = False  # every token trained (prompt included)
+    train_stop_token: bool = True  # the token that closes each trained turn (e.g. <|im_end|>)
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    train_embeddings: bool | None = None  # None: only when the template added tokens
+
+
+class TrainConfig(_Strict):
+    method: Literal["full", "lora", "qlora"] = "full"
+    micro_batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_tokens_per_batch: int | None = Field(None, gt=0)  # token-budget batches instead of a count
+    max_steps: int | None = Field(None, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    lr: float | None = Field(None, gt=0)  # None: 2e-5 full, 2e-4 LoRA/QLoRA
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    save_every: int | None = Field(None, gt=0)
+    keep_last: int = Field(2, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    keep_best: bool = False
+    log_every: int = Field(1, gt=0)
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    loss_chunk_size: int = Field(4096, gt=0)  # trained positions per cross-entropy chunk
+    merge: bool = False  # write the merged model folder at the end of a LoRA run
+    distributed: Literal["auto", "fsdp2", "ddp", "none"] = "auto"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 2e-5 if self.method == "full" else 2e-4
+
+
+class Config(_Strict):
+    model: ModelConfig | None = None  # data commands need only a tokenizer
+    tokenizer: str | None = None  # defaults to model.path
+    chat_template: str | None = None  # built-in name, Jinja file, or None for the tokenizer's own
+    special_tokens: list[str] = Field(default_factory=list)  # extra special tokens to add
+    data: DataConfig
+    mask: MaskConfig = Field(default_factory=MaskConfig)
+    max_length: int = Field(2048, gt=1)
+    truncation: Literal["drop", "truncate"] = "drop"
+    packing: bool = True
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: str = "runs/exemplar"
+
+    # Where relative paths in the config are resolved from (the YAML file's folder).
+    base_dir: str | None = Field(None, exclude=True)
+
+    def resolve_path(self, path: str) -> str:
+        """Resolve a path from the config relative to the config file's folder, if it exists there."""
+        p = Path(path).expanduser()
+        if p.is_absolute() or self.base_dir is None:
+            return str(p)
+        candidate = Path(self.base_dir) / p
+        return str(candidate) if candidate.exists() or not p.exists() else str(p)
+
+    def tokenizer_source(self) -> str:
+        if self.tokenizer:
+            return self.resolve_path(self.tokenizer)
+        if self.model is not None and self.model.path:
+            return self.resolve_path(self.model.path)
+        raise ConfigError("no tokenizer: set `tokenizer:` (a folder or Hub id) or `model.path`")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, and error messages
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **mapping: Any) -> Config:
+    """Load a YAML config file (or a mapping), apply `a.b=value` overrides, and validate."""
+    raw: dict[str, Any] = {}
+    base_dir = None
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+        raw = loaded
+        base_dir = str(path.resolve().parent)
+    raw.update(mapping)
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_config(raw, base_dir=base_dir, source=str(path) if path else "config")
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML (1, true, [a, b])."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects dotted.key=value, got '{item}'")
+    key, _, text = item.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set expects dotted.key=value, got '{item}'")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a mapping")
+        if not isinstance(node.get(part), (dict, list)):
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"--set {key}: cannot set '{last}' inside a {type(node).__name__}")
+
+
+def validate_config(raw: dict[str, Any], base_dir: str | None = None, source: str = "config") -> Config:
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+    config.base_dir = base_dir
+    return config
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        if err["type"] == "extra_forbidden":
+            parent, _, key = loc.rpartition(".")
+            hint = _suggest(key, _known_keys(parent))
+            lines.append(f"  unknown key '{loc}'" + (f" (did you mean '{hint}'?)" if hint else ""))
+        elif err["type"] == "missing":
+            lines.append(f"  missing required key '{loc}'")
+        else:
+            got = err.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+            lines.append(f"  {loc or '(top level)'}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _known_keys(parent: str) -> list[str]:
+    """The known keys of the model at a dotted location like 'train' or 'data.train.0'."""
+    model: Any = Config
+    for part in [p for p in parent.split(".") if p]:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+        if model is None:
+            return []
+    return list(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _suggest(key: str, known: list[str]) -> str | None:
+    matches = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return matches[0] if matches else None

@@ -1,0 +1,278 @@
+"""Exact loss masks for any chat template, with no `{% generation %}` tags and no per-model tables.
+
+How it works. The template is rendered once with the real conversation (`full`), and once with
+every message's content replaced by a unique placeholder (the "skeleton"). Substituting the real
+contents back into the skeleton must give `full` again: when it does, we know to the character
+where each message's content sits in `full`. Templates that `| trim` content are handled by trying
+stripped contents, and any other local rewrite by rendering one placeholder at a time and
+matching the text before and after it. Nothing is searched for by string matching in the
+content, so a content that repeats the template's markup (or the user's text) cannot confuse it.
+
+A trained region is an assistant message's rendered text plus the template's stop token that
+closes the turn (found by rendering a probe conversation once), and any template text between
+them such as rendered tool calls. The pieces returned here keep message content apart from
+template text, so the tokenizer can encode content with special-token parsing switched off.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from exemplar.config import MaskConfig
+from exemplar.data.schema import Conversation
+from exemplar.data.templates import ChatTemplate, render
+from exemplar.errors import TemplateError
+
+# Private-use characters: they never occur in real text and survive `| trim`, `| upper` aside.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+
+
+def placeholder(i: int) -> str:
+    return f"{_OPEN}{i}{_CLOSE}"
+
+
+@dataclass
+class Piece:
+    text: str
+    content: bool  # part of a message's content: encoded as plain text, never as control tokens
+    trained: bool
+
+
+@dataclass
+class RenderedChat:
+    text: str
+    pieces: list[Piece]
+    turns_without_stop: int  # trained turns whose stop token was not found
+
+
+Span = tuple[int, int]
+
+
+class ChatMasker:
+    """Renders conversations with a template and splits the text into trained/untrained pieces."""
+
+    def __init__(
+        self,
+        template: ChatTemplate,
+        variables: dict[str, str],
+        special_tokens: list[str],
+        mask: MaskConfig | None = None,
+    ):
+        self.template = template
+        self.variables = variables  # bos_token, eos_token, ... as the template sees them
+        self.special_tokens = sorted({t for t in special_tokens if t}, key=len, reverse=True)
+        self.mask = mask or MaskConfig()
+        self._skeletons: OrderedDict[str, str] = OrderedDict()
+        self.stop_token = self._probe_stop_token()
+
+    # -- rendering -------------------------------------------------------------------------
+
+    def render(
+        self, messages: list[dict[str, Any]], tools: Any = None, add_generation_prompt: bool = False
+    ) -> str:
+        return render(
+            self.template.source,
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            special=self.variables,
+        )
+
+    def _skeleton(self, messages: list[dict[str, Any]], tools: Any) -> str:
+        # Conversations of the same shape share a skeleton; cache a bounded number of them.
+        key = json.dumps([messages, tools], sort_keys=True, default=str)
+        found = self._skeletons.get(key)
+        if found is None:
+            found = self.render(messages, tools)
+            self._skeletons[key] = found
+            if len(self._skeletons) > 4096:
+                self._skeletons.popitem(last=False)
+        else:
+            self._skeletons.move_to_end(key)
+        return found
+
+    # -- the stop token ---------------------------------------------------------------------
+
+    def _probe_stop_token(self) -> str | None:
+        """The special token the template writes right after an assistant message's content."""
+        probes = [
+            [{"role": "user", "content": placeholder(0)}, {"role": "assistant", "content": placeholder(1)}],
+            [
+                {"role": "system", "content": placeholder(2)},
+                {"role": "user", "content": placeholder(0)},
+                {"role": "assistant", "content": placeholder(1)},
+            ],
+        ]
+        for probe in probes:
+            try:
+                text = self.render(probe)
+            except TemplateError:
+                continue
+            at = text.find(placeholder(1))
+            if at < 0:
+                continue
+            tail = text[at + len(placeholder(1)) :]
+            hits = [(tail.find(tok), tok) for tok in self.special_tokens if tok in tail]
+            if hits:
+                return min(hits)[1]
+            return None
+        return None
+
+    # -- content spans ----------------------------------------------------------------------
+
+    def content_spans(self, messages: list[dict[str, Any]], tools: Any, full: str) -> list[Span | None]:
+        """Where each message's content is in `full` (None for empty content)."""
+        spans = self._spans_by_substitution(messages, tools, full)
+        if spans is None:
+            spans = [self._span_one_by_one(messages, tools, full, i) for i in range(len(messages))]
+        return spans
+
+    def _spans_by_substitution(self, messages, tools, full) -> list[Span | None] | None:
+        filled = [i for i, m in enumerate(messages) if m["content"]]
+        skeleton = self._skeleton(
+            [dict(m, content=placeholder(i)) if i in filled else m for i, m in enumerate(messages)], tools
+        )
+        positions = []
+        for i in filled:
+            at = skeleton.find(placeholder(i))
+            if at < 0 or skeleton.find(placeholder(i), at + 1) >= 0:
+                return None  # dropped or repeated by the template: locate one at a time
+            positions.append((at, i))
+        positions.sort()
+        for transform in (lambda s: s, str.strip):
+            spans: list[Span | None] = [None] * len(messages)
+            parts, cursor, length = [], 0, 0
+            for at, i in positions:
+                head = skeleton[cursor:at]
+                body = transform(messages[i]["content"])
+                parts += [head, body]
+                length += len(head)
+                spans[i] = (length, length + len(body))
+                length += len(body)
+                cursor = at + len(placeholder(i))
+            parts.append(skeleton[cursor:])
+            if "".join(parts) == full:
+                return spans
+        return None
+
+    def _span_one_by_one(self, messages, tools, full, i) -> Span | None:
+        if not messages[i]["content"]:
+            return None
+        text = self.render(
+            [dict(m, content=placeholder(i)) if j == i else m for j, m in enumerate(messages)], tools
+        )
+        at = text.find(placeholder(i))
+        if at < 0:
+            return None  # the template does not show this message's content (e.g. old reasoning)
+        before, after = text[:at], text[at + len(placeholder(i)) :]
+        if text.count(placeholder(i)) == 1 and full.startswith(before) and full.endswith(after):
+            if len(before) + len(after) <= len(full):
+                return (len(before), len(full) - len(after))
+        raise TemplateError(
+            f"cannot locate message {i} ({messages[i]['role']}) in the rendered template: the template "
+            "changes other text depending on this message's content"
+        )
+
+    def _generation_start(self, messages, tools, full, i) -> int:
+        """Where message i's output starts, for a trained message with no content (tool calls only)."""
+        prompt = self.render(messages[:i], tools, add_generation_prompt=True)
+        if not full.startswith(prompt):
+            raise TemplateError(
+                f"cannot locate message {i}: it has no content and the template's generation prompt "
+                "is not a prefix of the conversation"
+            )
+        return len(prompt)
+
+    # -- trained regions --------------------------------------------------------------------
+
+    def trained_messages(self, conv: Conversation) -> list[int]:
+        if self.mask.train_on_everything:
+            return list(range(len(conv.messages)))
+        chosen = [
+            i
+            for i, m in enumerate(conv.messages)
+            if m.train is True or (m.train is None and m.role in self.mask.train_roles)
+        ]
+        if self.mask.last_turn_only and chosen:
+            chosen = [chosen[-1]]
+        return chosen
+
+    def render_pieces(self, conv: Conversation) -> RenderedChat:
+        messages = [m.to_template_dict() for m in conv.messages]
+        full = self.render(messages, conv.tools)
+        spans = self.content_spans(messages, conv.tools, full)
+        if self.mask.train_on_everything:
+            return RenderedChat(full, _cut(full, spans, [(0, len(full))]), 0)
+        regions, missing = [], 0
+        starts = sorted(s[0] for s in spans if s is not None)
+        for i in self.trained_messages(conv):
+            span = spans[i]
+            if span is None:
+                if not conv.messages[i].tool_calls:
+                    continue  # nothing rendered for this message: nothing to train
+                at = self._generation_start(messages, conv.tools, full, i)
+                span = (at, at)
+            end = span[1]
+            if self.mask.train_stop_token:
+                stop_end = self._stop_end(full, end, starts)
+                if stop_end is None:
+                    missing += 1
+                else:
+                    end = stop_end
+            regions.append((span[0], end))
+        return RenderedChat(full, _cut(full, spans, regions), missing)
+
+    def _stop_end(self, full: str, content_end: int, starts: list[int]) -> int | None:
+        """End of the stop token that closes the turn whose content ends at `content_end`."""
+        if self.stop_token is None:
+            return None
+        limit = next((s for s in starts if s >= content_end and s > 0), len(full))
+        at = full.find(self.stop_token, content_end, limit)
+        if at < 0:
+            return None
+        # Only template text may stand between the content and the stop token: no other control
+        # token, which would mean we ran into the next turn's header.
+        between = full[content_end:at]
+        if any(tok in between for tok in self.special_tokens):
+            return None
+        return at + len(self.stop_token)
+
+    # -- prompts for generation ---------------------------------------------------------------
+
+    def prompt_pieces(self, messages: list[dict[str, Any]], tools: Any = None) -> list[Piece]:
+        """The pieces of the prompt that precede an assistant reply, exactly as in training."""
+        probe = [*messages, {"role": "assistant", "content": placeholder(len(messages))}]
+        text = self.render(probe, tools)
+        at = text.find(placeholder(len(messages)))
+        if at < 0:
+            raise TemplateError("the chat template does not render an assistant reply after these messages")
+        spans = self.content_spans(probe, tools, text)
+        return [p for p in _cut(text[:at], [s for s in spans[:-1]], []) if p.text]
+
+
+def _cut(text: str, content_spans: list[Span | None], trained: list[Span]) -> list[Piece]:
+    """Split text at every span boundary; merge neighbours with the same flags."""
+    spans = [s for s in content_spans if s is not None and s[0] < s[1]]
+    marks = {0, len(text)}
+    for a, b in spans + trained:
+        marks.update((min(a, len(text)), min(b, len(text))))
+    cuts = sorted(marks)
+    pieces: list[Piece] = []
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        if a == b:
+            continue
+        is_content = any(s <= a and b <= e for s, e in spans)
+        is_trained = any(s <= a and b <= e for s, e in trained)
+        if (
+            pieces
+            and pieces[-1].content == is_content
+            and pieces[-1].trained == is_trained
+            and not is_content
+        ):
+            pieces[-1].text += text[a:b]
+        else:
+            pieces.append(Piece(text[a:b], is_content, is_trained))
+    return pieces
