@@ -120,7 +120,7 @@ class Encoder:
         for ex in examples:
             if isinstance(ex, TokenizedExample):
                 labels = ex.labels if ex.labels is not None else list(ex.input_ids)
-                slots.append(self._finish(list(ex.input_ids), list(labels)))
+                slots.append(self.finish(list(ex.input_ids), list(labels)))
             elif isinstance(ex, TextDocument):
                 slots.append((len(rows), 0))
                 rows.append([Piece(ex.text, content=True, trained=True)])
@@ -149,7 +149,7 @@ class Encoder:
                 labels += piece_ids if piece.trained else [IGNORE_INDEX] * len(piece_ids)
             if isinstance(ex, TextDocument):
                 input_ids, labels = self._document_ends(input_ids, labels)
-            result = self._finish(input_ids, labels)
+            result = self.finish(input_ids, labels)
             result.turns_without_stop = no_stop
             results.append(result)
         return results
@@ -162,7 +162,8 @@ class Encoder:
             ids, labels = [*ids, self.eos_id], [*labels, self.eos_id]
         return ids, labels
 
-    def _finish(self, ids: list[int], labels: list[int]) -> Encoded:
+    def finish(self, ids: list[int], labels: list[int]) -> Encoded:
+        """Apply the length policy; drop examples left with nothing to train."""
         if not _has_target(labels):
             return Encoded([], [], DROP_NO_TRAINED)
         if len(ids) > self.max_length:

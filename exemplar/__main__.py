@@ -1,0 +1,3 @@
+from exemplar.cli import main
+
+raise SystemExit(main())

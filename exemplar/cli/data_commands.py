@@ -1,0 +1,70 @@
+"""`exemplar data preview | validate | stats`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    from exemplar.cli import add_config_arguments
+
+    data = commands.add_parser("data", help="inspect and check training data")
+    verbs = data.add_subparsers(dest="data_command", metavar="VERB", required=True)
+
+    preview = verbs.add_parser("preview", help="show each example's tokens, trained ones highlighted")
+    add_config_arguments(preview)
+    preview.add_argument("--limit", type=int, default=5, help="examples to show (default 5; 0 for all)")
+    preview.add_argument("--json", action="store_true", help="one JSON object per example on stdout")
+    preview.add_argument("--no-color", action="store_true", help="plain text: trained spans in [[ ]]")
+    preview.set_defaults(handler=run_preview)
+
+    validate = verbs.add_parser("validate", help="check every row of every dataset")
+    add_config_arguments(validate)
+    validate.set_defaults(handler=run_validate)
+
+    stats = verbs.add_parser("stats", help="rows, token lengths, trained share, drops")
+    add_config_arguments(stats)
+    stats.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    stats.set_defaults(handler=run_stats)
+
+
+def _config(args: argparse.Namespace):
+    from exemplar.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def run_preview(args: argparse.Namespace) -> int:
+    from exemplar.data.inspect import preview_items, preview_json, render_preview, use_colour
+    from exemplar.data.tokenizer import load_tokenizer
+
+    config = _config(args)
+    bundle = load_tokenizer(config)
+    colour = not args.no_color and use_colour(sys.stdout)
+    for item in preview_items(config, limit=args.limit or None, bundle=bundle):
+        if args.json:
+            print(preview_json(item))
+        else:
+            print(render_preview(item, bundle.tokenizer, colour))
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from exemplar.data.inspect import validate
+
+    result = validate(_config(args))
+    for problem in result.problems:
+        print(problem, file=sys.stderr)
+    status = "ok" if result.ok else f"{len(result.problems)} invalid"
+    print(f"{result.rows} rows in {len(result.files)} file(s) checked: {status}")
+    return 0 if result.ok else 1
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    from exemplar.data.inspect import compute_stats, format_stats
+
+    stats = compute_stats(_config(args), progress=not args.json)
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0

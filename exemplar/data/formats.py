@@ -1,0 +1,644 @@
+"""Turn raw rows of every supported input format into canonical examples.
+
+Formats (see `detect_format` for how "auto" decides):
+
+- "messages": OpenAI chat, `{"messages": [{"role", "content", "tool_calls"?, ...}], "tools"?}`
+- "sharegpt": `{"conversations": [{"from", "value"}], "system"?, "tools"?}` (LLaMA-Factory style,
+  including `function_call` / `observation` turns)
+- "alpaca": `{"instruction", "input"?, "output", "system"?, "history"?}`
+- "prompt_completion": `{"prompt", "completion"}`, each a string or a list of messages
+- "text": `{"text"}` for continued pre-training
+- "tokenized": `{"input_ids", "labels"?}`
+
+Every problem raises `RowError(file, location, field, message)` whose field is a precise path
+in the user's own names (e.g. "chat[2].content" when `columns: {messages: chat}`), because the
+point of the message is to let someone open the file and fix that exact spot.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from exemplar.config import DatasetSpec
+from exemplar.data.readers import Resolve, iter_rows, json_type
+from exemplar.data.schema import Conversation, Example, Message, SourceRow, TextDocument, TokenizedExample
+from exemplar.errors import DataError, RowError
+
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokenized")
+
+# Keys that `columns:` may map (canonical name -> the name used in the file).
+ROW_FIELDS = (
+    "messages",
+    "conversations",
+    "system",
+    "tools",
+    "instruction",
+    "input",
+    "output",
+    "history",
+    "prompt",
+    "completion",
+    "text",
+    "input_ids",
+    "labels",
+)
+MESSAGE_FIELDS = ("role", "content")  # keys inside each message / ShareGPT turn
+MAPPABLE = ROW_FIELDS + MESSAGE_FIELDS
+
+# OpenAI roles, plus Gemma's "model" for the assistant.
+OPENAI_ROLES = {
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+    "model": "assistant",
+}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "function_call": "assistant",  # value holds the call(s) as JSON
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
+}
+MEDIA_PART_TYPES = ("image", "image_url", "input_image", "audio", "input_audio", "video", "file")
+
+SHAPES_HELP = (
+    "messages (OpenAI chat), conversations (ShareGPT), instruction + output (Alpaca), "
+    "prompt + completion, text, input_ids (pre-tokenized)"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Column names and error context
+
+
+class _Names:
+    """Canonical field name -> the name used in the file, after `columns:` mapping."""
+
+    def __init__(self, columns: Mapping[str, str] | None):
+        self.columns = dict(columns or {})
+        self._claimed = {v for k, v in self.columns.items() if k != v}
+
+    def __call__(self, canonical: str, default: str | None = None) -> str:
+        return self.columns.get(canonical, default or canonical)
+
+    def present(self, row: Mapping[str, Any], canonical: str) -> bool:
+        """Whether the row holds a non-null value for a canonical field.
+
+        A file name that `columns:` assigns to another field does not count for its own
+        canonical name: with `{conversations: messages}`, "messages" is not OpenAI messages.
+        """
+        name = self(canonical)
+        if canonical not in self.columns and name in self._claimed:
+            return False
+        return row.get(name) is not None
+
+
+class _Ctx:
+    """Where the row came from and how its fields are named; builds precise errors."""
+
+    def __init__(self, source: SourceRow, names: _Names):
+        self.source = source
+        self.row = source.data
+        self.names = names
+
+    def error(self, field: str | None, message: str) -> RowError:
+        return RowError(self.source.file, self.source.location, field, message)
+
+    def missing(self, canonical: str) -> RowError:
+        name = self.names(canonical)
+        keys = ", ".join(sorted(map(str, self.row))) or "(none)"
+        return self.error(
+            name,
+            f"missing required field '{name}' (keys found: {keys}); if the file names it "
+            f"differently, map it with `columns:`, e.g. columns: {{{canonical}: your_name}}",
+        )
+
+
+def check_columns(columns: Mapping[str, str]) -> None:
+    """Reject a `columns:` mapping with unknown canonical keys, before reading any row."""
+    unknown = sorted(set(columns) - set(MAPPABLE))
+    if unknown:
+        raise DataError(
+            f"unknown key(s) in `columns:`: {', '.join(unknown)}; mappable keys are: {', '.join(MAPPABLE)}"
+        )
+    for key, value in columns.items():
+        if not isinstance(value, str) or not value:
+            raise DataError(f"`columns: {{{key}: ...}}` must name a field of the file, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection
+
+
+def detect_format(
+    row: Mapping[str, Any], columns: Mapping[str, str] | None = None, *, source: SourceRow | None = None
+) -> str:
+    """The format a row has, decided by which (mapped) keys it holds.
+
+    Complete shapes win first, in this order: messages, conversations, instruction + output,
+    prompt + completion, input_ids, text. Failing those, a row with only part of a shape
+    (instruction without output, ...) gets that format, so that the conversion names the
+    missing field instead of a vague "unknown shape". A `messages` list whose turns use
+    ShareGPT's from/value keys is "sharegpt". `source` only adds file and location to errors.
+    """
+    names = _Names(columns)
+    has = lambda canonical: names.present(row, canonical)  # noqa: E731
+    if has("messages"):
+        return "sharegpt" if _turns_look_sharegpt(row[names("messages")], names) else "messages"
+    if has("conversations"):
+        return "sharegpt"
+    complete = (
+        ("alpaca", ("instruction", "output")),
+        ("prompt_completion", ("prompt", "completion")),
+        ("tokenized", ("input_ids",)),
+        ("text", ("text",)),
+    )
+    for fmt, fields in complete:
+        if all(has(f) for f in fields):
+            return fmt
+    for fmt, fields in complete[:2]:
+        if any(has(f) for f in fields):
+            return fmt
+    keys = ", ".join(sorted(map(str, row))) or "(none)"
+    message = (
+        f"cannot tell the format of this row: it has keys {keys}; accepted shapes: {SHAPES_HELP}. "
+        "Map differently named fields with `columns:` (e.g. columns: {instruction: question, "
+        "output: answer}) or set `format:` in the dataset entry."
+    )
+    if source is None:
+        raise RowError("(row)", "unknown location", None, message)
+    raise RowError(source.file, source.location, None, message)
+
+
+def _turns_look_sharegpt(turns: Any, names: _Names) -> bool:
+    if not isinstance(turns, list) or not turns or not isinstance(turns[0], Mapping):
+        return False
+    first = turns[0]
+    return "role" not in names.columns and names("role") not in first and "from" in first
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+
+
+def to_example(source: SourceRow, fmt: str, columns: Mapping[str, str] | None = None) -> Example:
+    """Convert one raw row to a Conversation, TextDocument or TokenizedExample.
+
+    `fmt` is one of FORMATS (or "auto" to detect it from this row alone). `columns` maps
+    canonical names to the file's names. Mappable row-level keys: messages, conversations,
+    system, tools, instruction, input, output, history, prompt, completion, text, input_ids,
+    labels. Mappable keys inside each message or ShareGPT turn: role and content (defaults
+    role/content for OpenAI messages, from/value for ShareGPT). Other message keys
+    (tool_calls, train, weight, name, tool_call_id) keep their OpenAI names.
+
+    Raises RowError naming the field path (in the file's names) of the first problem.
+    """
+    names = _Names(columns)
+    if fmt == "auto":
+        fmt = detect_format(source.data, names.columns, source=source)
+    converter = _CONVERTERS.get(fmt)
+    if converter is None:
+        raise DataError(f"unknown format '{fmt}'; expected auto or one of: {', '.join(FORMATS)}")
+    return converter(_Ctx(source, names))
+
+
+def _messages(ctx: _Ctx) -> Conversation:
+    key = ctx.names("messages")
+    turns = _message_list(ctx, key, ctx.row.get(key), "messages")
+    role_key, content_key = ctx.names("role"), ctx.names("content")
+    messages = [_openai_message(ctx, f"{key}[{i}]", m, role_key, content_key) for i, m in enumerate(turns)]
+    return Conversation(messages=messages, tools=_tools(ctx))
+
+
+def _message_list(ctx: _Ctx, path: str, value: Any, canonical: str) -> list[Any]:
+    if value is None:
+        raise ctx.missing(canonical)
+    if not isinstance(value, list):
+        raise ctx.error(path, f"expected a list of messages, got {json_type(value)}")
+    if not value:
+        raise ctx.error(path, "the conversation is empty: it needs at least one message")
+    return value
+
+
+def _openai_message(ctx: _Ctx, path: str, message: Any, role_key: str, content_key: str) -> Message:
+    if not isinstance(message, Mapping):
+        raise ctx.error(path, f"each message must be an object, got {json_type(message)}")
+    role = _role(ctx, f"{path}.{role_key}", message.get(role_key), OPENAI_ROLES)
+    calls = message.get("tool_calls")
+    if calls is not None and role != "assistant":
+        raise ctx.error(f"{path}.tool_calls", f"only assistant messages can have tool_calls, not '{role}'")
+    tool_calls = _tool_calls(ctx, f"{path}.tool_calls", calls)
+    content = _content(ctx, f"{path}.{content_key}", message.get(content_key), role, bool(tool_calls))
+    msg = Message(role=role, content=content, tool_calls=tool_calls, train=_train_flag(ctx, path, message))
+    if role == "tool":
+        msg.name = _optional_str(ctx, f"{path}.name", message.get("name"))
+        msg.tool_call_id = _optional_str(ctx, f"{path}.tool_call_id", message.get("tool_call_id"))
+    return msg
+
+
+def _role(ctx: _Ctx, path: str, value: Any, accepted: Mapping[str, str]) -> str:
+    if value is None:
+        raise ctx.error(path, "missing role")
+    if not isinstance(value, str):
+        raise ctx.error(path, f"role must be a string, got {json_type(value)}")
+    role = accepted.get(value.strip().lower())
+    if role is None:
+        raise ctx.error(path, f"unknown role '{value}'; accepted: {', '.join(accepted)}")
+    return role
+
+
+def _content(ctx: _Ctx, path: str, value: Any, role: str, has_calls: bool) -> str:
+    """A message's text: a string, or a list of text parts joined with ""."""
+    if value is None:
+        if role == "assistant" and has_calls:
+            return ""
+        raise ctx.error(path, "missing content (only an assistant message with tool_calls may omit it)")
+    if isinstance(value, list):
+        text = "".join(_text_part(ctx, f"{path}[{j}]", part) for j, part in enumerate(value))
+    elif isinstance(value, str):
+        text = value
+    else:
+        raise ctx.error(path, f"content must be a string or a list of text parts, got {json_type(value)}")
+    if role == "assistant" and not has_calls and not text.strip():
+        raise ctx.error(path, "assistant message is empty (no content and no tool_calls)")
+    return text
+
+
+def _text_part(ctx: _Ctx, path: str, part: Any) -> str:
+    if not isinstance(part, Mapping):
+        raise ctx.error(
+            path,
+            f'a content part must be an object like {{"type": "text", "text": ...}}, got {json_type(part)}',
+        )
+    kind = part.get("type")
+    if kind in MEDIA_PART_TYPES:
+        raise ctx.error(
+            path, f"content part of type '{kind}': images/audio are not supported (text-only SFT)"
+        )
+    if kind != "text":
+        raise ctx.error(
+            f"{path}.type", f"unknown content part type {kind!r}; only 'text' parts are supported"
+        )
+    return _require_str(ctx, f"{path}.text", part.get("text"))
+
+
+def _tool_calls(ctx: _Ctx, path: str, value: Any) -> list[dict[str, Any]] | None:
+    """Normalize tool calls to [{"type": "function", "function": {"name", "arguments": dict}}].
+
+    Accepts the OpenAI form and the flat {"name", "arguments"} form; string arguments holding a
+    JSON object are parsed so that templates can `tojson` them like any other mapping.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ctx.error(path, f"tool_calls must be a list, got {json_type(value)}")
+    return [_tool_call(ctx, f"{path}[{j}]", call) for j, call in enumerate(value)] or None
+
+
+def _tool_call(ctx: _Ctx, path: str, call: Any) -> dict[str, Any]:
+    if not isinstance(call, Mapping):
+        raise ctx.error(path, f"a tool call must be an object, got {json_type(call)}")
+    if call.get("type", "function") not in ("function", None):
+        raise ctx.error(
+            f"{path}.type", f"unsupported tool call type {call.get('type')!r}; expected 'function'"
+        )
+    if "function" in call:
+        fn, fn_path = call["function"], f"{path}.function"
+        if not isinstance(fn, Mapping):
+            raise ctx.error(fn_path, f"expected an object with name and arguments, got {json_type(fn)}")
+    else:
+        fn, fn_path = call, path  # the flat form {"name", "arguments"}
+    name = fn.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ctx.error(
+            f"{fn_path}.name", f"a tool call needs a non-empty string name, got {json_type(name)}"
+        )
+    out: dict[str, Any] = {
+        "type": "function",
+        "function": {"name": name, "arguments": _arguments(ctx, f"{fn_path}.arguments", fn.get("arguments"))},
+    }
+    if call.get("id") is not None:
+        out["id"] = _require_str(ctx, f"{path}.id", call["id"])
+    return out
+
+
+def _arguments(ctx: _Ctx, path: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        if not value.strip():
+            return {}
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ctx.error(path, f"arguments string is not valid JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(value, Mapping):
+        raise ctx.error(path, f"arguments must be a JSON object, got {json_type(value)}")
+    return dict(value)
+
+
+def _train_flag(ctx: _Ctx, path: str, message: Mapping[str, Any]) -> bool | None:
+    """Per-message `train` (bool) or `weight` (0 or 1) forcing the message (un)trained."""
+    train, weight = message.get("train"), message.get("weight")
+    if train is not None and not isinstance(train, bool):
+        raise ctx.error(f"{path}.train", f"train must be true or false, got {json_type(train)}")
+    if weight is not None:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+            raise ctx.error(
+                f"{path}.weight",
+                f"weight must be 0 or 1 (fractional loss weights are not supported), got {weight!r}",
+            )
+        if train is not None and train != bool(weight):
+            raise ctx.error(f"{path}.weight", f"weight {weight!r} contradicts train {train!r}")
+        train = bool(weight)
+    return train
+
+
+def _tools(ctx: _Ctx) -> list[dict[str, Any]] | None:
+    """Row-level tool schemas (a list or a JSON string of one) in OpenAI form; [] -> None."""
+    key = ctx.names("tools")
+    value = ctx.row.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ctx.error(key, f"tools string is not valid JSON: {e.msg} (column {e.colno})") from None
+    if isinstance(value, Mapping):
+        value = [value]  # a single schema
+    if not isinstance(value, list):
+        raise ctx.error(key, f"tools must be a list of function schemas, got {json_type(value)}")
+    return [_tool_schema(ctx, f"{key}[{j}]", tool) for j, tool in enumerate(value)] or None
+
+
+def _tool_schema(ctx: _Ctx, path: str, tool: Any) -> dict[str, Any]:
+    if not isinstance(tool, Mapping):
+        raise ctx.error(path, f"a tool must be a function schema object, got {json_type(tool)}")
+    if "function" in tool:
+        if tool.get("type", "function") != "function" or not isinstance(tool["function"], Mapping):
+            raise ctx.error(path, 'expected {"type": "function", "function": {"name", "parameters"}}')
+        fn, fn_path = dict(tool["function"]), f"{path}.function"
+    else:
+        fn, fn_path = dict(tool), path  # a bare schema {"name", "description", "parameters"}
+    if not isinstance(fn.get("name"), str) or not fn["name"].strip():
+        raise ctx.error(
+            f"{fn_path}.name", f"a tool schema needs a non-empty string name, got {json_type(fn.get('name'))}"
+        )
+    return {"type": "function", "function": fn}
+
+
+def _sharegpt(ctx: _Ctx) -> Conversation:
+    key = ctx.names("conversations")
+    if (
+        ctx.row.get(key) is None
+        and "conversations" not in ctx.names.columns
+        and ctx.row.get("messages") is not None
+    ):
+        key = "messages"  # ShareGPT turns stored under "messages" (detected by their from/value keys)
+    turns = _message_list(ctx, key, ctx.row.get(key), "conversations")
+    role_key, content_key = ctx.names("role", "from"), ctx.names("content", "value")
+    messages = _system_prefix(ctx)
+    for i, turn in enumerate(turns):
+        messages.append(_sharegpt_turn(ctx, f"{key}[{i}]", turn, role_key, content_key))
+    return Conversation(messages=messages, tools=_tools(ctx))
+
+
+def _sharegpt_turn(ctx: _Ctx, path: str, turn: Any, role_key: str, content_key: str) -> Message:
+    if not isinstance(turn, Mapping):
+        raise ctx.error(path, f"each turn must be an object, got {json_type(turn)}")
+    speaker = turn.get(role_key)
+    role = _role(ctx, f"{path}.{role_key}", speaker, SHAREGPT_ROLES)
+    train = _train_flag(ctx, path, turn)
+    value_path, value = f"{path}.{content_key}", turn.get(content_key)
+    if speaker.strip().lower() == "function_call":
+        calls = _function_call_value(ctx, value_path, value)
+        return Message(role="assistant", content="", tool_calls=calls, train=train)
+    return Message(role=role, content=_content(ctx, value_path, value, role, False), train=train)
+
+
+def _function_call_value(ctx: _Ctx, path: str, value: Any) -> list[dict[str, Any]]:
+    """A function_call turn's value: JSON of {"name", "arguments"} or a list of them."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ctx.error(
+                path, f"function_call value is not valid JSON: {e.msg} (column {e.colno})"
+            ) from None
+    if isinstance(value, Mapping):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ctx.error(
+            path,
+            f'function_call value must be {{"name", "arguments"}} or a non-empty list of them, got {json_type(value)}',
+        )
+    return [_tool_call(ctx, f"{path}[{j}]", call) for j, call in enumerate(value)]
+
+
+def _system_prefix(ctx: _Ctx) -> list[Message]:
+    """A row-level `system` string as a leading system message (none when empty)."""
+    key = ctx.names("system")
+    system = _optional_str(ctx, key, ctx.row.get(key))
+    return [Message(role="system", content=system)] if system and system.strip() else []
+
+
+def _alpaca(ctx: _Ctx) -> Conversation:
+    names = ctx.names
+    instruction = _field_str(ctx, "instruction")
+    extra = _optional_str(ctx, names("input"), ctx.row.get(names("input")))
+    output = _field_str(ctx, "output")
+    extra = extra if extra and extra.strip() else ""
+    prompt = f"{instruction}\n\n{extra}" if extra and instruction else (instruction or extra)
+    if not prompt.strip():
+        raise ctx.error(names("instruction"), "instruction is empty (and there is no input)")
+    if not output.strip():
+        raise ctx.error(names("output"), "output is empty: there is nothing to train on")
+    messages = _system_prefix(ctx) + _history(ctx)
+    messages += [Message(role="user", content=prompt), Message(role="assistant", content=output)]
+    return Conversation(messages=messages)
+
+
+def _history(ctx: _Ctx) -> list[Message]:
+    """Alpaca `history`: [[user, assistant], ...] turns that precede the instruction."""
+    key = ctx.names("history")
+    value = ctx.row.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ctx.error(key, f"history must be a list of [user, assistant] pairs, got {json_type(value)}")
+    messages = []
+    for i, pair in enumerate(value):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ctx.error(f"{key}[{i}]", f"expected a [user, assistant] pair, got {json_type(pair)}")
+        messages.append(Message(role="user", content=_require_str(ctx, f"{key}[{i}][0]", pair[0])))
+        messages.append(Message(role="assistant", content=_require_str(ctx, f"{key}[{i}][1]", pair[1])))
+    return messages
+
+
+def _prompt_completion(ctx: _Ctx) -> Conversation:
+    """Strings or message lists. Prompt messages default to train=False: a completion dataset
+    means "train on the completion only" (an explicit per-message train/weight still wins)."""
+    names = ctx.names
+    p_key, c_key = names("prompt"), names("completion")
+    prompt, completion = ctx.row.get(p_key), ctx.row.get(c_key)
+    if prompt is None:
+        raise ctx.missing("prompt")
+    if completion is None:
+        raise ctx.missing("completion")
+    role_key, content_key = names("role"), names("content")
+    if isinstance(prompt, list):
+        head = [_openai_message(ctx, f"{p_key}[{i}]", m, role_key, content_key) for i, m in enumerate(prompt)]
+    else:
+        head = [
+            Message(role="user", content=_require_str(ctx, p_key, prompt, "a string or a list of messages"))
+        ]
+    for msg in head:
+        msg.train = False if msg.train is None else msg.train
+    if isinstance(completion, list):
+        turns = _message_list(ctx, c_key, completion, "completion")
+        tail = [_openai_message(ctx, f"{c_key}[{i}]", m, role_key, content_key) for i, m in enumerate(turns)]
+        for i, msg in enumerate(tail):
+            if msg.role not in ("assistant", "tool"):
+                raise ctx.error(
+                    f"{c_key}[{i}].{role_key}",
+                    f"completion messages must be assistant (or tool), not '{msg.role}'",
+                )
+    else:
+        text = _require_str(ctx, c_key, completion, "a string or a list of messages")
+        if not text.strip():
+            raise ctx.error(c_key, "completion is empty: there is nothing to train on")
+        tail = [Message(role="assistant", content=text)]
+    return Conversation(messages=head + tail, tools=_tools(ctx))
+
+
+def _text(ctx: _Ctx) -> TextDocument:
+    text = _field_str(ctx, "text")
+    if not text.strip():
+        raise ctx.error(ctx.names("text"), "text is empty")
+    return TextDocument(text=text)
+
+
+def _tokenized(ctx: _Ctx) -> TokenizedExample:
+    ids_key, labels_key = ctx.names("input_ids"), ctx.names("labels")
+    if ctx.row.get(ids_key) is None:
+        raise ctx.missing("input_ids")
+    input_ids = _int_list(ctx, ids_key, ctx.row.get(ids_key), lambda v: v >= 0, "a non-negative token id")
+    if not input_ids:
+        raise ctx.error(ids_key, "input_ids is empty")
+    labels = ctx.row.get(labels_key)
+    if labels is not None:
+        labels = _int_list(ctx, labels_key, labels, lambda v: v >= 0 or v == -100, "a token id >= 0 or -100")
+        if len(labels) != len(input_ids):
+            raise ctx.error(labels_key, f"has {len(labels)} labels but input_ids has {len(input_ids)} tokens")
+    return TokenizedExample(input_ids=input_ids, labels=labels)
+
+
+def _int_list(ctx: _Ctx, key: str, value: Any, ok: Callable[[int], bool], what: str) -> list[int]:
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ctx.error(key, f"expected a list of integers, got {json_type(value)}")
+    for j, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, int) or not ok(v):
+            raise ctx.error(f"{key}[{j}]", f"expected {what}, got {json_type(v)}")
+    return list(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strings
+
+
+def _field_str(ctx: _Ctx, canonical: str) -> str:
+    """A required row-level string field."""
+    name = ctx.names(canonical)
+    value = ctx.row.get(name)
+    if value is None:
+        raise ctx.missing(canonical)
+    return _require_str(ctx, name, value)
+
+
+def _require_str(ctx: _Ctx, path: str, value: Any, expected: str = "a string") -> str:
+    if value is None:
+        raise ctx.error(path, "missing (null)")
+    if not isinstance(value, str):
+        raise ctx.error(path, f"expected {expected}, got {json_type(value)}")
+    return value
+
+
+def _optional_str(ctx: _Ctx, path: str, value: Any) -> str | None:
+    return None if value is None else _require_str(ctx, path, value)
+
+
+_CONVERTERS: dict[str, Callable[[_Ctx], Example]] = {
+    "messages": _messages,
+    "sharegpt": _sharegpt,
+    "alpaca": _alpaca,
+    "prompt_completion": _prompt_completion,
+    "text": _text,
+    "tokenized": _tokenized,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole datasets
+
+
+def convert_all(
+    spec: DatasetSpec, resolve: Resolve = lambda p: p
+) -> tuple[list[tuple[SourceRow, Example]], list[RowError]]:
+    """Read and convert every row of a dataset, collecting every problem instead of the first.
+
+    With `format: auto` each file's format is decided by its first row; a later row of another
+    shape is a RowError (mixed formats in one file are almost always a mistake, and guessing per
+    row would hide it). Raises DataError only when the source as a whole is unusable.
+    """
+    check_columns(spec.columns)
+    examples: list[tuple[SourceRow, Example]] = []
+    problems: list[RowError] = []
+    file_formats: dict[str, tuple[str, str]] = {}  # file -> (format, location that decided it)
+    for item in iter_rows(spec, resolve):
+        if isinstance(item, RowError):
+            problems.append(item)
+            continue
+        try:
+            fmt = spec.format if spec.format != "auto" else _file_format(item, spec.columns, file_formats)
+            examples.append((item, to_example(item, fmt, spec.columns)))
+        except RowError as e:
+            problems.append(e)
+    return examples, problems
+
+
+def _file_format(source: SourceRow, columns: Mapping[str, str], known: dict[str, tuple[str, str]]) -> str:
+    """The format of the row's file, fixed by the file's first recognizable row."""
+    decided = known.get(source.file)
+    try:
+        shape = detect_format(source.data, columns, source=source)
+    except RowError:
+        if decided is None:
+            raise
+        return decided[0]  # convert as the file's format: that names the missing field
+    if decided is None:
+        known[source.file] = (shape, source.location)
+        return shape
+    fmt, where = decided
+    if shape != fmt:
+        keys = ", ".join(sorted(map(str, source.data)))
+        raise RowError(
+            source.file,
+            source.location,
+            None,
+            f"this row has the shape of '{shape}' (keys: {keys}) but the file's first row ({where}) "
+            f"is '{fmt}'; one file must hold one format (set `format:` to convert every row as one)",
+        )
+    return fmt

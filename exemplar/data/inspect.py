@@ -1,0 +1,244 @@
+"""What `exemplar data preview | validate | stats` show: the library side of those commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from exemplar.config import Config
+from exemplar.data.encode import Encoder
+from exemplar.data.formats import convert_all
+from exemplar.data.pipeline import build_masker, prepare_data
+from exemplar.data.schema import IGNORE_INDEX, Conversation, Example, SourceRow
+from exemplar.data.tokenizer import TokenizerBundle, load_tokenizer
+from exemplar.errors import RowError, TemplateError
+
+# ---------------------------------------------------------------------------------------------
+# preview
+
+
+@dataclass
+class PreviewItem:
+    index: int
+    source: SourceRow
+    input_ids: list[int]
+    labels: list[int]
+    dropped: str | None
+
+
+def preview_items(
+    config: Config, limit: int | None = None, bundle: TokenizerBundle | None = None
+) -> Iterator[PreviewItem]:
+    """Encode the first `limit` examples of the training datasets, in input order.
+
+    Over-long examples are shown in full with `dropped` set (or truncated, under the truncate policy).
+    """
+    bundle = bundle or load_tokenizer(config)
+    masker = build_masker(config, bundle)
+    full = Encoder(bundle.tokenizer, masker, max_length=sys.maxsize)
+    policy = Encoder(bundle.tokenizer, masker, config.max_length, config.truncation)
+    index = 0
+    for spec in config.data.train:
+        examples, problems = convert_all(spec, resolve=config.resolve_path)
+        if problems:
+            raise problems[0]
+        for start in range(0, len(examples), 256):
+            chunk = examples[start : start + 256]
+            if limit is not None:
+                chunk = chunk[: limit - index]
+            for (src, _), enc in zip(chunk, full.encode([ex for _, ex in chunk]), strict=True):
+                ids, labels, dropped = enc.input_ids, enc.labels, enc.drop_reason
+                if dropped is None:
+                    final = policy.finish(ids, labels)
+                    dropped = final.drop_reason
+                    if dropped is None:
+                        ids, labels = final.input_ids, final.labels
+                yield PreviewItem(index, src, ids, labels, dropped)
+                index += 1
+            if limit is not None and index >= limit:
+                return
+
+
+def preview_json(item: PreviewItem) -> str:
+    out: dict[str, Any] = {"index": item.index, "input_ids": item.input_ids, "labels": item.labels}
+    if item.dropped:
+        out["dropped"] = item.dropped
+    return json.dumps(out)
+
+
+_TRAINED = "\033[30;42m"  # black on green
+_MASKED = "\033[2m"  # dim
+_SPECIAL = "\033[1;35m"  # bold magenta
+_RESET = "\033[0m"
+
+
+def use_colour(stream: TextIO) -> bool:
+    return stream.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+def render_preview(item: PreviewItem, tokenizer: Any, colour: bool) -> str:
+    """Tokens as text: trained ones highlighted (or wrapped in [[ ]] without colour), special
+    tokens marked, token boundaries shown with a thin separator in colour mode."""
+    specials = set(tokenizer.all_special_ids)
+    trained = [label != IGNORE_INDEX for label in item.labels]
+    head = f"── example {item.index} ({item.source.file}, {item.source.location})"
+    head += f" · {len(item.input_ids)} tokens, {sum(trained)} trained"
+    if item.dropped:
+        head += f" · DROPPED: {item.dropped}"
+    parts: list[str] = []
+    for run_trained, run in _runs(item.input_ids, trained):
+        text = "".join(_token_text(tokenizer, t, t in specials, colour) for t in run)
+        if colour:
+            parts.append((_TRAINED if run_trained else _MASKED) + text + _RESET)
+        else:
+            parts.append(f"[[{text}]]" if run_trained else text)
+    return head + "\n" + "".join(parts) + "\n"
+
+
+def _runs(ids: list[int], flags: list[bool]) -> Iterator[tuple[bool, list[int]]]:
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or flags[i] != flags[start]:
+            yield flags[start], ids[start:i]
+            start = i
+
+
+def _token_text(tokenizer: Any, token_id: int, special: bool, colour: bool) -> str:
+    text = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if special:
+        return f"{_SPECIAL}{text}{_RESET}" if colour else f"⟨{text}⟩"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# validate
+
+
+@dataclass
+class ValidationResult:
+    rows: int = 0
+    problems: list[RowError] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def validate(config: Config, bundle: TokenizerBundle | None = None) -> ValidationResult:
+    """Check every row of every dataset: its fields, and that the chat template accepts it."""
+    bundle = bundle or load_tokenizer(config)
+    masker = build_masker(config, bundle)
+    result = ValidationResult()
+    for spec in [*config.data.train, *(config.data.eval or [])]:
+        examples, problems = convert_all(spec, resolve=config.resolve_path)
+        result.files.append(config.resolve_path(spec.path))
+        result.rows += len(examples) + len(problems)
+        result.problems += problems
+        for src, ex in examples:
+            if isinstance(ex, Conversation):
+                try:
+                    masker.render_pieces(ex)
+                except TemplateError as e:
+                    result.problems.append(RowError(src.file, src.location, "messages", str(e)))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# stats
+
+
+def compute_stats(
+    config: Config, bundle: TokenizerBundle | None = None, progress: bool = True
+) -> dict[str, Any]:
+    bundle = bundle or load_tokenizer(config)
+    prepared = prepare_data(config, bundle=bundle, progress=progress)
+    lengths = [len(ids) for ids in prepared.train["input_ids"]]
+    trained = sum(sum(1 for x in labels if x != IGNORE_INDEX) for labels in prepared.train["labels"])
+    turns: Counter[int] = Counter()
+    for spec in config.data.train:
+        examples, _ = convert_all(spec, resolve=config.resolve_path)
+        turns.update(_assistant_turns(ex) for _, ex in examples)
+    dropped: Counter[str] = Counter()
+    for report in prepared.reports:
+        dropped.update(report.dropped)
+    total = sum(lengths)
+    return {
+        "rows": sum(r.rows for r in prepared.reports),
+        "train_examples": len(prepared.train),
+        "eval_examples": len(prepared.eval) if prepared.eval is not None else 0,
+        "tokens": total,
+        "trained_tokens": trained,
+        "trained_share": trained / total if total else 0.0,
+        "length": _summary(lengths),
+        "length_histogram": histogram(lengths, config.max_length),
+        "assistant_turns": dict(sorted(turns.items())),
+        "dropped": dict(dropped),
+        "sources": [r.lines() for r in prepared.reports],
+    }
+
+
+def _assistant_turns(example: Example) -> int:
+    if isinstance(example, Conversation):
+        return sum(1 for m in example.messages if m.role == "assistant")
+    return 0
+
+
+def _summary(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def pick(q: float) -> int:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {
+        "min": ordered[0],
+        "mean": sum(ordered) / len(ordered),
+        "p50": pick(0.5),
+        "p95": pick(0.95),
+        "max": ordered[-1],
+    }
+
+
+def histogram(values: list[int], max_length: int, bins: int = 8) -> list[dict[str, int]]:
+    width = max(1, -(-max_length // bins))
+    counts = Counter(min(v // width, bins - 1) for v in values)
+    return [
+        {"from": b * width, "to": min((b + 1) * width, max_length), "count": counts.get(b, 0)}
+        for b in range(bins)
+    ]
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    lines = [
+        f"rows read        {stats['rows']}",
+        f"train examples   {stats['train_examples']}",
+        f"eval examples    {stats['eval_examples']}",
+        f"tokens           {stats['tokens']}  (trained {stats['trained_tokens']}, {stats['trained_share']:.1%})",
+    ]
+    length = stats["length"]
+    if length:
+        lines.append(
+            "length           min {min}  mean {mean:.1f}  p50 {p50}  p95 {p95}  max {max}".format(**length)
+        )
+    lines.append("length histogram")
+    peak = max((b["count"] for b in stats["length_histogram"]), default=0) or 1
+    for b in stats["length_histogram"]:
+        bar = "█" * round(40 * b["count"] / peak)
+        lines.append(f"  {b['from']:>6}-{b['to']:<6} {b['count']:>7} {bar}")
+    lines.append(
+        "assistant turns per example: " + ", ".join(f"{k}: {v}" for k, v in stats["assistant_turns"].items())
+    )
+    if stats["dropped"]:
+        lines.append("dropped: " + ", ".join(f"{k}: {v}" for k, v in sorted(stats["dropped"].items())))
+    else:
+        lines.append("dropped: none")
+    for source in stats["sources"]:
+        lines += source
+    return "\n".join(lines)
