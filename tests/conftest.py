@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 
 def shared_data_dir() -> Path:
@@ -21,3 +22,8 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"reference data not found at {path} (set EXEMPLAR_SHARED_DATA to its folder)")
     return path
+
+
+# Property tests explore the same examples on every run: a failure seen once is seen again.
+settings.register_profile("exemplar", derandomize=True, deadline=None, print_blob=True)
+settings.load_profile("exemplar")

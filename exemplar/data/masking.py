@@ -168,9 +168,14 @@ class ChatMasker:
         if at < 0:
             return None  # the template does not show this message's content (e.g. old reasoning)
         before, after = text[:at], text[at + len(placeholder(i)) :]
-        if text.count(placeholder(i)) == 1 and full.startswith(before) and full.endswith(after):
-            if len(before) + len(after) <= len(full):
-                return (len(before), len(full) - len(after))
+        unique = text.count(placeholder(i)) == 1
+        if (
+            unique
+            and len(before) + len(after) <= len(full)
+            and full.startswith(before)
+            and full.endswith(after)
+        ):
+            return (len(before), len(full) - len(after))
         raise TemplateError(
             f"cannot locate message {i} ({messages[i]['role']}) in the rendered template: the template "
             "changes other text depending on this message's content"
