@@ -290,3 +290,12 @@ def _cached_setup(template, kind):
     if (template, kind) not in _SETUPS:
         _SETUPS[(template, kind)] = setup(template, kind)
     return _SETUPS[(template, kind)]
+
+
+@pytest.mark.parametrize("template", ALL_TEMPLATES)
+def test_generation_prompt_is_the_training_prefix(template):
+    """The prompt a generation sees is token for token what training put before the reply."""
+    tokenizer, encoder = setup(template)
+    ids, labels = _ids(encoder, TRICKY)
+    first_reply = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert encoder.encode_prompt([m.to_template_dict() for m in TRICKY.messages[:2]]) == ids[:first_reply]

@@ -154,6 +154,14 @@ class Encoder:
             results.append(result)
         return results
 
+    def encode_prompt(self, messages: list[dict[str, Any]], tools: Any = None) -> list[int]:
+        """Token ids of a prompt for generation: the conversation so far and the assistant's
+        header, tokenized piece by piece exactly as the same text is tokenized in training."""
+        if self.masker is None:
+            raise TemplateError("prompts need a chat template")
+        pieces = self.masker.prompt_pieces(messages, tools)
+        return [token for piece_ids in self.pieces.encode_rows([pieces])[0] for token in piece_ids]
+
     def _document_ends(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         """Plain text gets the tokenizer's BOS (if it normally adds one) and a trained EOS."""
         if self.adds_bos:
@@ -178,3 +186,15 @@ class Encoder:
 def _has_target(labels: list[int]) -> bool:
     # A trained label at position 0 has no preceding token to predict it from, so it does not count.
     return any(label != IGNORE_INDEX for label in labels[1:])
+
+
+def prompt_encoder(tokenizer: Any):
+    """`encode_prompt(messages) -> ids` for a tokenizer whose chat_template is the trained one
+    (an exported model folder): prompts are tokenized exactly as training tokenized them."""
+    import sys
+
+    from exemplar.data.tokenizer import prepare_tokenizer
+
+    bundle = prepare_tokenizer(tokenizer, None)
+    masker = ChatMasker(bundle.template, bundle.variables, bundle.special_tokens)
+    return Encoder(tokenizer, masker, max_length=sys.maxsize).encode_prompt

@@ -1,0 +1,488 @@
+"""The training loop: plain PyTorch, one optimizer step readable top to bottom (`train_step`).
+
+run_training
+  -> plan the batches (batching.TrainPlan: deterministic, resumable from a step number)
+  -> for each optimizer step: fetch its micro-batches, forward/backward each with the loss divided
+     by the trained tokens of the WHOLE step, clip, AdamW step
+  -> log, evaluate, checkpoint, summarize.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from exemplar.config import Config, TrainConfig
+from exemplar.data.packing import Batch, collate_packed, collate_padded, flatten_batch
+from exemplar.errors import ExemplarError
+from exemplar.train.batching import Seq, TrainPlan, example_lengths
+from exemplar.train.checkpoint import (
+    config_hash,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    remove_stale,
+    save_checkpoint,
+)
+from exemplar.train.loss import LMLoss, needs_flat_batches
+from exemplar.train.metrics import MetricsLogger, peak_memory
+from exemplar.train.schedule import build_optimizer, lr_at, schedule_state, set_lr
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[str, dict[str, Any]], None]  # (event: "step" | "eval" | "save" | "end", payload)
+
+
+# ---------------------------------------------------------------------------------------------
+# One optimizer step
+
+
+@dataclass
+class StepResult:
+    loss: float  # sum of token CE / trained tokens of the step: what was backpropagated
+    grad_norm: float  # before clipping
+    num_tokens: int
+    num_trained: int
+    skipped: bool  # no trained token, or a non-finite gradient: the weights were left unchanged
+
+
+def train_step(
+    loss_fn: LMLoss,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[Batch],
+    *,
+    max_grad_norm: float | None,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    reduce_count: Callable[[int], int] | None = None,
+) -> StepResult:
+    """Forward/backward every micro-batch of one step, then clip and update.
+
+    Every micro-batch's summed loss is divided by the trained tokens of the whole step (on every
+    rank, once `reduce_count` all-reduces the count), so the gradient is the mean over the step's
+    tokens whatever the micro-batch size, accumulation, or number of ranks.
+    """
+    num_trained = sum(b.num_trained for b in micro_batches)
+    if reduce_count is not None:
+        num_trained = reduce_count(num_trained)
+    denominator = max(num_trained, 1)
+
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for batch in micro_batches:
+        with autocast():
+            sums = loss_fn(batch)
+        loss = sums.loss_sum / denominator
+        loss.backward()
+        total = total + loss.detach().float()  # stays on the device: one sync per step, below
+
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grad_norm = _clip(params, max_grad_norm)
+    skipped = num_trained == 0 or not math.isfinite(grad_norm)
+    if not skipped:
+        optimizer.step()
+    return StepResult(float(total), grad_norm, sum(b.num_tokens for b in micro_batches), num_trained, skipped)
+
+
+def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
+    if not params:
+        return 0.0
+    if max_norm is None:
+        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    loss_fn: LMLoss, batches: Iterable[Batch], autocast: Callable[[], contextlib.AbstractContextManager]
+) -> dict[str, float]:
+    """Loss, perplexity and token accuracy over every trained token of `batches`."""
+    was_training = loss_fn.model.training
+    loss_fn.model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    try:
+        for batch in batches:
+            with autocast():
+                sums = loss_fn(batch, with_accuracy=True)
+            loss_sum += float(sums.loss_sum)
+            correct += int(sums.num_correct)
+            count += sums.num_trained
+    finally:
+        loss_fn.model.train(was_training)
+    loss = loss_sum / max(count, 1)
+    return {
+        "eval_loss": loss,
+        "eval_perplexity": math.exp(loss) if loss < 700 else math.inf,
+        "eval_token_accuracy": correct / max(count, 1),
+        "eval_tokens": count,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches from the dataset
+
+
+class BatchLoader:
+    """Turns planned rows (tuples of example indices) into tensors on the training device."""
+
+    def __init__(self, dataset, packing: bool, pad_id: int, device: torch.device, flat: bool):
+        self.dataset = dataset.select_columns(["input_ids", "labels"])
+        self.packing, self.pad_id, self.device, self.flat = packing, pad_id, device, flat
+
+    def __call__(self, rows: list[Seq]) -> Batch:
+        wanted = sorted({i for row in rows for i in row})
+        data = self.dataset[wanted]
+        examples = {
+            i: (ids, labs) for i, ids, labs in zip(wanted, data["input_ids"], data["labels"], strict=True)
+        }
+        if self.packing:
+            batch = collate_packed([[examples[i] for i in row] for row in rows], self.pad_id)
+        else:
+            batch = collate_padded([examples[row[0]] for row in rows], self.pad_id)
+        if self.flat:
+            batch = flatten_batch(batch)
+        return batch.to(self.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class RunState:
+    """Running totals, saved in every checkpoint so a resumed run continues them."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0
+    trained_tokens: int = 0
+    train_wall_s: float = 0.0
+    last_loss: float | None = None
+    skipped_steps: int = 0
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    last_eval: dict[str, float] | None = None
+    last_eval_step: int | None = None
+    last_checkpoint_step: int | None = None
+
+
+def run_training(
+    config: Config,
+    model: nn.Module,
+    tokenizer: Any,
+    train_ds,
+    eval_ds=None,
+    resume: bool = False,
+    callbacks: list[Callback] | None = None,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train `model` on the tokenized `train_ds` (columns input_ids, labels) and return the summary.
+
+    Writes OUTPUT/metrics.jsonl, OUTPUT/checkpoints/step-N/ and OUTPUT/train_summary.json.
+    With `resume`, continues from the newest complete checkpoint in OUTPUT (if there is one);
+    without it, refuses an OUTPUT that already holds checkpoints. `callbacks` are called as
+    callback(event, payload) for the events "step", "eval", "save" and "end". `progress` shows the
+    tqdm bar. The model is left trained, in eval mode.
+    """
+    train = config.train
+    output_dir = Path(config.output_dir)
+    ckpt_root = output_dir / "checkpoints"
+    callbacks = list(callbacks or [])
+    seed_everything(train.seed)
+    device = _place(model)
+    flat = needs_flat_batches(model)
+
+    lengths = _checked_lengths(train_ds, config.max_length)
+    plan = _plan(config, lengths, shuffle=config.data.shuffle)
+    total_steps = plan.total_steps(train.epochs, train.max_steps)
+    load = BatchLoader(train_ds, config.packing, _pad_id(tokenizer), device, flat)
+    eval_batches = _eval_batches(config, eval_ds, tokenizer, device, flat) if eval_ds else None
+
+    loss_fn = LMLoss(model, train.loss_chunk_size)
+    loss_fn.check_head()
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = build_optimizer(model, train)
+    autocast = autocast_factory(train.precision, device)
+    schedule = schedule_state(train, total_steps)
+    fingerprint = _fingerprint(plan)
+
+    state, resumed_from = RunState(), None
+    if not resume and latest_checkpoint(ckpt_root) is not None:
+        raise ExemplarError(
+            f"{output_dir} already holds checkpoints of a run: resume it, or choose another output_dir"
+        )
+    if resume and (path := latest_checkpoint(ckpt_root)) is not None:
+        state = _resume(path, model, optimizer, config, fingerprint)
+        resumed_from = str(path)
+        log.info("resumed from %s (step %d of %d)", path, state.step, total_steps)
+    remove_stale(ckpt_root)
+
+    def save() -> None:
+        trainer_state = _trainer_state(state, plan, total_steps, config, fingerprint)
+        path = save_checkpoint(
+            ckpt_root,
+            state.step,
+            model=model,
+            optimizer=optimizer,
+            schedule=schedule,
+            trainer_state=trainer_state,
+        )
+        state.last_checkpoint_step = state.step
+        keep = {state.best_step} if train.keep_best and state.best_step is not None else set()
+        prune_checkpoints(ckpt_root, train.keep_last, keep)
+        _emit(callbacks, "save", {"step": state.step, "path": str(path)})
+
+    def run_eval() -> None:
+        result = evaluate(loss_fn, eval_batches(), autocast)
+        state.last_eval, state.last_eval_step = result, state.step
+        row = {"step": state.step, "epoch": round(state.step / plan.steps_per_epoch, 4), **result}
+        logger.log_eval(row)
+        _emit(callbacks, "eval", row)
+        if state.best_eval_loss is None or result["eval_loss"] < state.best_eval_loss:
+            state.best_eval_loss, state.best_step = result["eval_loss"], state.step
+            if train.keep_best:
+                save()
+
+    logger = MetricsLogger(output_dir, total_steps, start_step=state.step, progress=progress)
+    model.train()
+    try:
+        for index, epoch, step in plan.iter_steps(state.step, total_steps):
+            start = time.perf_counter()
+            set_lr(optimizer, lr := lr_at(index, total_steps, train))
+            micro_batches = [load(rows) for rows in plan.rank_micro_batches(step)]
+            result = train_step(
+                loss_fn, optimizer, micro_batches, max_grad_norm=train.max_grad_norm, autocast=autocast
+            )
+            seconds = time.perf_counter() - start
+            _account(state, result, seconds)
+            row = _step_row(state, epoch, plan, result, lr, seconds)
+            logger.log_step(row, write=state.step % train.log_every == 0 or state.step == total_steps)
+            _emit(callbacks, "step", row)
+            if eval_batches and train.eval_every and state.step % train.eval_every == 0:
+                run_eval()
+            if (
+                train.save_every
+                and state.step % train.save_every == 0
+                and state.last_checkpoint_step != state.step
+            ):
+                save()
+        if eval_batches and state.last_eval_step != state.step:
+            run_eval()
+        if state.last_checkpoint_step != state.step:
+            save()
+    finally:
+        logger.close()
+        model.eval()  # hand the model back ready for generation or export
+        if train.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+
+    summary = _summary(state, plan, total_steps, config, resumed_from, ckpt_root)
+    _write_json(output_dir / "train_summary.json", summary)
+    _emit(callbacks, "end", summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers of run_training
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A fresh autocast context per use: bf16 on GPU under `auto`, fp32 on CPU unless `bf16`."""
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _place(model: nn.Module) -> torch.device:
+    """Train where the model is; move a CPU model to the GPU when there is one (not quantized ones)."""
+    device = next(model.parameters()).device
+    if device.type == "cpu" and torch.cuda.is_available() and not getattr(model, "is_quantized", False):
+        model.to("cuda")
+        device = torch.device("cuda")
+    return device
+
+
+def _pad_id(tokenizer: Any) -> int:
+    # Any id works: pads are never attended to by real tokens and never trained.
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _checked_lengths(dataset, max_length: int, what: str = "training") -> np.ndarray:
+    lengths = example_lengths(dataset)
+    if len(lengths) == 0:
+        raise ExemplarError(f"no {what} examples: the {what} dataset is empty")
+    if lengths.min() < 1 or lengths.max() > max_length:
+        bad = int(np.flatnonzero((lengths < 1) | (lengths > max_length))[0])
+        raise ExemplarError(
+            f"{what} row {bad} has {int(lengths[bad])} tokens; rows must have 1 to max_length={max_length}"
+        )
+    return lengths
+
+
+def _plan(config: Config, lengths: np.ndarray, shuffle: bool, grad_accum: int | None = None) -> TrainPlan:
+    train: TrainConfig = config.train
+    return TrainPlan.build(
+        lengths,
+        max_length=config.max_length,
+        packing=config.packing,
+        micro_batch_size=train.micro_batch_size,
+        grad_accum=grad_accum or train.grad_accum,
+        max_tokens_per_batch=train.max_tokens_per_batch,
+        seed=train.seed,
+        shuffle=shuffle,
+    )
+
+
+def _eval_batches(config: Config, eval_ds, tokenizer: Any, device: torch.device, flat: bool):
+    """A re-iterable of eval batches: one micro-batch per planned step, in dataset order."""
+    plan = _plan(config, _checked_lengths(eval_ds, config.max_length, "eval"), shuffle=False, grad_accum=1)
+    load = BatchLoader(eval_ds, config.packing, _pad_id(tokenizer), device, flat)
+    return lambda: (load(rows) for step in plan.epoch_steps(0) for rows in plan.rank_micro_batches(step))
+
+
+def _fingerprint(plan: TrainPlan) -> str:
+    """Identifies the training data's shape: a resume onto different data would replay other batches."""
+    digest = hashlib.sha256(np.ascontiguousarray(plan.lengths).tobytes()).hexdigest()[:16]
+    return f"{len(plan.lengths)}:{digest}"
+
+
+def _resume(path: Path, model: nn.Module, optimizer, config: Config, fingerprint: str) -> RunState:
+    saved = load_checkpoint(path, model, optimizer)
+    if saved.get("data_fingerprint") != fingerprint:
+        raise ExemplarError(
+            f"cannot resume from {path}: the training data differs from the data of that run "
+            f"({saved.get('data_fingerprint')} vs {fingerprint}); use a new output_dir"
+        )
+    if saved.get("config_hash") != config_hash(config):
+        log.warning(
+            "resuming from %s with a changed config; the batch plan and schedule follow the new one", path
+        )
+    fields = RunState.__dataclass_fields__
+    state = RunState(**{k: v for k, v in saved.get("run", {}).items() if k in fields})
+    state.last_checkpoint_step = state.step
+    return state
+
+
+def _trainer_state(
+    state: RunState, plan: TrainPlan, total_steps: int, config: Config, fingerprint: str
+) -> dict:
+    epoch, in_epoch = plan.locate(state.step)
+    return {
+        "step": state.step,
+        "epoch": state.step / plan.steps_per_epoch,
+        "plan_epoch": epoch,  # where the next step starts in the plan
+        "plan_step_in_epoch": in_epoch,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "total_steps": total_steps,
+        "config_hash": config_hash(config),
+        "data_fingerprint": fingerprint,
+        "run": {**state.__dict__, "last_checkpoint_step": state.step},
+    }
+
+
+def _account(state: RunState, result: StepResult, seconds: float) -> None:
+    state.step += 1
+    state.tokens += result.num_tokens
+    state.trained_tokens += result.num_trained
+    state.train_wall_s += seconds
+    state.last_loss = result.loss
+    state.skipped_steps += int(result.skipped)
+
+
+def _step_row(
+    state: RunState, epoch: int, plan: TrainPlan, result: StepResult, lr: float, seconds: float
+) -> dict:
+    row = {
+        "step": state.step,
+        "epoch": round(state.step / plan.steps_per_epoch, 4),
+        "loss": result.loss,
+        "lr": lr,
+        "grad_norm": result.grad_norm,
+        "tokens": result.num_tokens,
+        "trained_tokens": result.num_trained,
+        "tokens_per_s": result.num_tokens / seconds if seconds > 0 else 0.0,
+        "elapsed_s": round(state.train_wall_s, 4),
+    }
+    if result.skipped:
+        row["skipped"] = True
+    return row
+
+
+def _summary(
+    state: RunState,
+    plan: TrainPlan,
+    total_steps: int,
+    config: Config,
+    resumed_from: str | None,
+    ckpt_root: Path,
+) -> dict[str, Any]:
+    wall = round(state.train_wall_s, 4)
+    summary: dict[str, Any] = {
+        "steps": state.step,
+        "total_steps": total_steps,
+        "epochs": round(state.step / plan.steps_per_epoch, 4),
+        "steps_per_epoch": plan.steps_per_epoch,
+        "examples": len(plan.lengths),
+        "sequences": len(plan.sequences),
+        "packing": config.packing,
+        "fill_ratio": round(plan.fill_ratio(config.max_length), 4) if config.packing else None,
+        "tokens": state.tokens,
+        "trained_tokens": state.trained_tokens,
+        "train_wall_s": wall,  # the loop alone: no data preparation, model loading, eval or saving
+        "tokens_per_s": state.tokens / wall if wall > 0 else 0.0,
+        "final_loss": state.last_loss,
+        "skipped_steps": state.skipped_steps,
+        **peak_memory(),
+        "resumed_from": resumed_from,
+        "last_checkpoint": str(ckpt_root / f"step-{state.last_checkpoint_step:06d}")
+        if state.last_checkpoint_step is not None
+        else None,
+    }
+    if state.last_eval is not None:
+        summary.update({k: v for k, v in state.last_eval.items() if k.startswith("eval_")})
+        summary["best_eval_loss"] = state.best_eval_loss
+        summary["best_step"] = state.best_step
+        if config.train.keep_best and state.best_step is not None:
+            summary["best_checkpoint"] = str(ckpt_root / f"step-{state.best_step:06d}")
+    return summary
+
+
+def _emit(callbacks: list[Callback], event: str, payload: dict[str, Any]) -> None:
+    for callback in callbacks:
+        callback(event, payload)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
