@@ -211,6 +211,8 @@ def validate_config(raw: dict[str, Any], base_dir: str | None = None, source: st
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source)) from None
     config.base_dir = base_dir
+    # Outputs land beside the config, like every other relative path in it.
+    config.output_dir = config.resolve_path(config.output_dir)
     return config
 
 

@@ -5,8 +5,8 @@ quickstart and the tests run offline with a real tokenizer. Byte-level means any
 (no unknown tokens); digits are split one per token, as in Qwen2 and Llama 3, so "37 + 48"
 tokenizes the same way wherever it appears and sums are learnable digit by digit.
 
-Deterministic: the corpus comes from fixed seeds, and BPE training on one thread with ties
-broken lexically gives the same merges each run.
+Deterministic: the corpus comes from fixed seeds and BPE training breaks ties by a fixed
+order, so every run writes the same files (tests/test_quickstart_data.py checks it).
 
     python scripts/build_tokenizer.py [--out exemplar/assets/tokenizer] [--vocab-size 3072]
 """
@@ -19,14 +19,10 @@ import os
 import random
 from pathlib import Path
 
-# Single-threaded BPE training so the merges (and the files) are byte-for-byte reproducible.
-os.environ["RAYON_NUM_THREADS"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
-
-from exemplar.quickstart_data import sample_text  # noqa: E402
+from exemplar.quickstart_data import sample_text
 
 EOS = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -48,25 +44,318 @@ SPLIT_PATTERN = (
 )
 
 # A small general vocabulary so the tokenizer is useful beyond the quickstart (tests, examples).
-WORDS = """
-the a an and or but if then else when while for with without from to of in on at by as is are was
-were be been being have has had do does did done can could will would should may might must shall
-not no yes all any some many much more most less few each every other another such same own only
-just also very too so than here there where what which who whom whose why how this that these those
-i you he she it we they me him her us them my your his its our their mine yours model data train
-training fine tune tuned loss token tokens batch step steps learning rate epoch eval evaluation test
-answer question please thank thanks hello hi help explain write read list sort reverse number numbers
-sum add plus minus times divide equal equals result value first second third last next new old small
-large big little good bad great best better right wrong true false time day year people world way
-thing man woman child work life hand part place case point group problem fact make know think take
-see come want look use find give tell ask seem feel try leave call keep let begin show hear play run
-move live believe hold bring happen provide sit stand lose pay meet include continue set learn change
-lead understand watch follow stop create speak allow spend grow open walk win offer remember love
-consider appear buy wait serve die send expect build stay fall cut reach kill remain suggest raise
-pass sell require report decide pull file folder config output input prompt response message system
-user assistant role content chat template mask label labels length sequence padding packing example
-examples python code function return class import print def self string int float dict list none
-""".split()
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "and",
+    "or",
+    "but",
+    "if",
+    "then",
+    "else",
+    "when",
+    "while",
+    "for",
+    "with",
+    "without",
+    "from",
+    "to",
+    "of",
+    "in",
+    "on",
+    "at",
+    "by",
+    "as",
+    "is",
+    "are",
+    "was",
+    "were",
+    "be",
+    "been",
+    "being",
+    "have",
+    "has",
+    "had",
+    "do",
+    "does",
+    "did",
+    "done",
+    "can",
+    "could",
+    "will",
+    "would",
+    "should",
+    "may",
+    "might",
+    "must",
+    "shall",
+    "not",
+    "no",
+    "yes",
+    "all",
+    "any",
+    "some",
+    "many",
+    "much",
+    "more",
+    "most",
+    "less",
+    "few",
+    "each",
+    "every",
+    "other",
+    "another",
+    "such",
+    "same",
+    "own",
+    "only",
+    "just",
+    "also",
+    "very",
+    "too",
+    "so",
+    "than",
+    "here",
+    "there",
+    "where",
+    "what",
+    "which",
+    "who",
+    "whom",
+    "whose",
+    "why",
+    "how",
+    "this",
+    "that",
+    "these",
+    "those",
+    "i",
+    "you",
+    "he",
+    "she",
+    "it",
+    "we",
+    "they",
+    "me",
+    "him",
+    "her",
+    "us",
+    "them",
+    "my",
+    "your",
+    "his",
+    "its",
+    "our",
+    "their",
+    "mine",
+    "yours",
+    "model",
+    "data",
+    "train",
+    "training",
+    "fine",
+    "tune",
+    "tuned",
+    "loss",
+    "token",
+    "tokens",
+    "batch",
+    "step",
+    "steps",
+    "learning",
+    "rate",
+    "epoch",
+    "eval",
+    "evaluation",
+    "test",
+    "answer",
+    "question",
+    "please",
+    "thank",
+    "thanks",
+    "hello",
+    "hi",
+    "help",
+    "explain",
+    "write",
+    "read",
+    "list",
+    "sort",
+    "reverse",
+    "number",
+    "numbers",
+    "sum",
+    "add",
+    "plus",
+    "minus",
+    "times",
+    "divide",
+    "equal",
+    "equals",
+    "result",
+    "value",
+    "first",
+    "second",
+    "third",
+    "last",
+    "next",
+    "new",
+    "old",
+    "small",
+    "large",
+    "big",
+    "little",
+    "good",
+    "bad",
+    "great",
+    "best",
+    "better",
+    "right",
+    "wrong",
+    "true",
+    "false",
+    "time",
+    "day",
+    "year",
+    "people",
+    "world",
+    "way",
+    "thing",
+    "man",
+    "woman",
+    "child",
+    "work",
+    "life",
+    "hand",
+    "part",
+    "place",
+    "case",
+    "point",
+    "group",
+    "problem",
+    "fact",
+    "make",
+    "know",
+    "think",
+    "take",
+    "see",
+    "come",
+    "want",
+    "look",
+    "use",
+    "find",
+    "give",
+    "tell",
+    "ask",
+    "seem",
+    "feel",
+    "try",
+    "leave",
+    "call",
+    "keep",
+    "let",
+    "begin",
+    "show",
+    "hear",
+    "play",
+    "run",
+    "move",
+    "live",
+    "believe",
+    "hold",
+    "bring",
+    "happen",
+    "provide",
+    "sit",
+    "stand",
+    "lose",
+    "pay",
+    "meet",
+    "include",
+    "continue",
+    "set",
+    "learn",
+    "change",
+    "lead",
+    "understand",
+    "watch",
+    "follow",
+    "stop",
+    "create",
+    "speak",
+    "allow",
+    "spend",
+    "grow",
+    "open",
+    "walk",
+    "win",
+    "offer",
+    "remember",
+    "love",
+    "consider",
+    "appear",
+    "buy",
+    "wait",
+    "serve",
+    "die",
+    "send",
+    "expect",
+    "build",
+    "stay",
+    "fall",
+    "cut",
+    "reach",
+    "kill",
+    "remain",
+    "suggest",
+    "raise",
+    "pass",
+    "sell",
+    "require",
+    "report",
+    "decide",
+    "pull",
+    "file",
+    "folder",
+    "config",
+    "output",
+    "input",
+    "prompt",
+    "response",
+    "message",
+    "system",
+    "user",
+    "assistant",
+    "role",
+    "content",
+    "chat",
+    "template",
+    "mask",
+    "label",
+    "labels",
+    "length",
+    "sequence",
+    "padding",
+    "packing",
+    "example",
+    "examples",
+    "python",
+    "code",
+    "function",
+    "return",
+    "class",
+    "import",
+    "print",
+    "def",
+    "self",
+    "string",
+    "int",
+    "float",
+    "dict",
+    "list",
+    "none",
+]
 
 SUFFIXES = ["s", "ed", "ing", "er", "ly", "ness", "able", "ment", "ion", "ful"]
 
@@ -95,7 +384,7 @@ def generated_corpus(seed: int = 0) -> list[str]:
         corpus.append(sentence)
     for _ in range(200):
         corpus.append(rng.choice(CODE_LINES))
-        corpus.append(" ".join(str(rng.randint(0, 10**rng.randint(1, 6))) for _ in range(8)))
+        corpus.append(" ".join(str(rng.randint(0, 10 ** rng.randint(1, 6))) for _ in range(8)))
     corpus.append("".join(chr(c) for c in range(32, 127)))  # every printable ASCII character
     return corpus
 
@@ -148,12 +437,17 @@ def save(tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     default_out = Path(__file__).resolve().parents[1] / "exemplar" / "assets" / "tokenizer"
     parser.add_argument("--out", type=Path, default=default_out)
     parser.add_argument("--vocab-size", type=int, default=3072)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    # One training thread (read when the thread pool starts) so the files are byte-for-byte
+    # reproducible whatever the machine.
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
     tokenizer = build_tokenizer(args.vocab_size, args.seed)
     save(tokenizer, args.out)
     print(f"saved a {len(tokenizer)}-token tokenizer to {args.out}")

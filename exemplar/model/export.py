@@ -1,0 +1,256 @@
+"""Write the trained model where plain `transformers` (and vLLM) can load it, and merge LoRA adapters.
+
+Layout under the run's output folder:
+
+    OUTPUT/model/    full model: config.json, model.safetensors, tokenizer (with its chat template),
+                     generation_config.json whose eos_token_id lists the end-of-turn token(s)
+    OUTPUT/adapter/  LoRA runs: PEFT's adapter_config.json + adapter_model.safetensors, plus the
+                     tokenizer and generation_config.json so `exemplar merge` can rebuild the model
+
+Folders are written to a temporary sibling and renamed into place, so a crash mid-save never leaves
+a half-written folder where a complete one is expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
+
+from exemplar.config import ModelConfig, TrainConfig
+from exemplar.errors import ExemplarError
+
+MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"
+
+
+def save_model(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    stop_token_ids: list[int],
+    merge: bool = False,
+) -> dict[str, Path]:
+    """Save a trained model under `out_dir`; return {"model": path, "adapter": path} for what was written.
+
+    A full model goes to out_dir/model. A PEFT model goes to out_dir/adapter, and also merged to
+    out_dir/model when `merge` is true; merging works on a copy, so `model` can keep training.
+    """
+    model = unwrap(model)
+    out_dir = Path(out_dir)
+    written: dict[str, Path] = {}
+    if not is_peft_model(model):
+        written["model"] = _save_full(model, tokenizer, out_dir / MODEL_DIR, stop_token_ids)
+        return written
+    written["adapter"] = _save_adapter(model, tokenizer, out_dir / ADAPTER_DIR, stop_token_ids)
+    if merge:
+        if _is_quantized(model):
+            # Merging into 4-bit weights would round the merged result to 4 bits: reload the base in
+            # full precision from where it came from and merge the saved adapter into that instead.
+            base = model.peft_config[model.active_adapter].base_model_name_or_path
+            written["model"] = merge_adapter(base, written["adapter"], out_dir / MODEL_DIR)
+        else:
+            merged = copy.deepcopy(model).merge_and_unload()
+            written["model"] = _save_full(merged, tokenizer, out_dir / MODEL_DIR, stop_token_ids)
+            del merged
+    return written
+
+
+def merge_adapter(
+    base: str | Path | ModelConfig,
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    seed: int = 0,
+    stop_token_ids: list[int] | None = None,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Merge a saved LoRA adapter into its base model and write the full model folder to `out_dir`.
+
+    `base` is the base model's folder or Hub id, or the `model:` config it was built from (a random
+    init from `from_config` is rebuilt with the training `seed`). The tokenizer and the stop tokens
+    come from the adapter folder when it has them (Exemplar saves both there).
+    """
+    from peft import PeftModel
+
+    from exemplar.model.loading import (
+        fit_embeddings_to_tokenizer,
+        load_base_model,
+        set_special_token_ids,
+        special_token_ids,
+    )
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ExemplarError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
+    if isinstance(base, ModelConfig):
+        model_cfg = base
+    else:
+        if not str(base):
+            raise ExemplarError("the adapter does not record its base model: pass the base model explicitly")
+        model_cfg = ModelConfig(path=str(base), trust_remote_code=trust_remote_code)
+    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else model_cfg.path
+    if tokenizer_source is None:
+        raise ExemplarError(
+            f"no tokenizer in {adapter_dir} and the base model has no folder to take one from"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(tokenizer_source), trust_remote_code=model_cfg.trust_remote_code
+    )
+    # Merge in fp32 (exact sum of base and low-rank update), then store in the base's own dtype.
+    # The same token ids as in training: a random init depends on them (the pad row starts at zero).
+    base_model = load_base_model(
+        model_cfg,
+        TrainConfig(method="full", seed=seed),
+        dtype=torch.float32,
+        token_ids=special_token_ids(tokenizer),
+    )
+    stored_dtype = getattr(base_model.config, "dtype", None)
+    fit_embeddings_to_tokenizer(base_model, tokenizer)
+    set_special_token_ids(base_model, tokenizer)
+    merged = PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
+    if isinstance(stored_dtype, torch.dtype):
+        merged = merged.to(stored_dtype)
+    if stop_token_ids is None:
+        stop_token_ids = _saved_stop_ids(adapter_dir)
+    return _save_full(merged, tokenizer, Path(out_dir), stop_token_ids)
+
+
+def export_generation_config(
+    model: torch.nn.Module, tokenizer: Any, stop_token_ids: list[int]
+) -> GenerationConfig:
+    """The model's generation config with eos_token_id = the template's stop tokens + the tokenizer's eos.
+
+    `generate` (and vLLM) stop at any id in the list; with only the tokenizer's eos a chat model runs
+    past its end-of-turn token and writes the next turn itself.
+    """
+    base = getattr(model, "generation_config", None)
+    config = copy.deepcopy(base) if base is not None else GenerationConfig.from_model_config(model.config)
+    eos = _unique([*stop_token_ids, tokenizer.eos_token_id])
+    config.eos_token_id = eos if len(eos) != 1 else eos[0]
+    if tokenizer.pad_token_id is not None:
+        config.pad_token_id = tokenizer.pad_token_id
+    elif eos:
+        config.pad_token_id = eos[0]
+    return config
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder next to `final`; on success it replaces `final`, on error it is removed.
+
+    The old folder is renamed aside before the new one is renamed in and deleted only afterwards,
+    so at every moment one complete copy exists on disk (`final` or the renamed old one).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _save_full(model: PreTrainedModel, tokenizer: Any, final: Path, stop_token_ids: list[int]) -> Path:
+    generation = export_generation_config(model, tokenizer, stop_token_ids)
+    with atomic_dir(final) as tmp, _cache_enabled(model):
+        model.save_pretrained(tmp)  # safetensors: the only format transformers 5 writes
+        generation.save_pretrained(tmp)
+        _save_tokenizer(tokenizer, tmp)
+    return final
+
+
+def _save_adapter(model: torch.nn.Module, tokenizer: Any, final: Path, stop_token_ids: list[int]) -> Path:
+    base = model.get_base_model()
+    generation = export_generation_config(base, tokenizer, stop_token_ids)
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        generation.save_pretrained(tmp)
+        _save_tokenizer(tokenizer, tmp)
+    return final
+
+
+def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    tokenizer.save_pretrained(folder)
+    # transformers 5 names generic fast tokenizers "TokenizersBackend", a class older transformers
+    # (and so older vLLM) cannot find; the equivalent old name loads everywhere.
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(
+            json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+
+
+@contextlib.contextmanager
+def _cache_enabled(model: PreTrainedModel) -> Iterator[None]:
+    """Save with use_cache=true (training may have turned the KV cache off for checkpointing)."""
+    previous = getattr(model.config, "use_cache", None)
+    if previous is not None:
+        model.config.use_cache = True
+    try:
+        yield
+    finally:
+        if previous is not None:
+            model.config.use_cache = previous
+
+
+def _saved_stop_ids(folder: Path) -> list[int]:
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return []
+    eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, list) else [eos]
+
+
+def _is_quantized(model: torch.nn.Module) -> bool:
+    base = model.get_base_model()
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
+
+
+def _unique(ids: list[int | None]) -> list[int]:
+    out: list[int] = []
+    for i in ids:
+        if i is not None and i not in out:
+            out.append(int(i))
+    return out

@@ -1,0 +1,228 @@
+"""Batched generation, the generate-file command, the chat REPL, and the metrics."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from exemplar.config import ModelConfig, TrainConfig
+from exemplar.errors import RowError
+from exemplar.evaluate import (
+    chat_loop,
+    default_encode_prompt,
+    exact_match,
+    generate_batch,
+    generate_file,
+    stop_rate,
+)
+from exemplar.evaluate.generation import prompt_messages
+from exemplar.evaluate.metrics import normalize
+from exemplar.model import load_model, save_model
+
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "exemplar" / "assets" / "tokenizer"
+LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+}
+TAUGHT = {"Who are you?": "I am Exemplar.", "Reverse: a b c": "c b a", "Say hi": "hi"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models run several times faster on one thread than on two contended ones.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="module")
+def im_end(tokenizer) -> int:
+    return tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """A tiny model taught three answers, each followed by <|im_end|>."""
+    model = load_model(
+        ModelConfig(from_config={**LLAMA, "vocab_size": len(tokenizer)}),
+        TrainConfig(),
+        tokenizer,
+        device="cpu",
+    )
+    rows = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            tokenize=True,
+            return_dict=False,
+        )
+        for q, a in TAUGHT.items()
+    ]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def encode(tokenizer):
+    return default_encode_prompt(tokenizer)
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_default_encode_prompt_returns_plain_ids_with_the_assistant_header(tokenizer, encode):
+    ids = encode(user("Say hi"))
+    assert isinstance(ids, list) and all(isinstance(i, int) for i in ids)
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_greedy_batch_answers_in_input_order_and_stops(tokenizer, model, encode, im_end):
+    prompts = [encode(user(q)) for q in TAUGHT]
+    results = generate_batch(
+        model, tokenizer, prompts, max_new_tokens=20, stop_token_ids=[im_end], batch_size=2
+    )
+    assert [r["text"] for r in results] == list(TAUGHT.values())
+    assert all(r["stopped"] for r in results)
+    assert all(im_end not in r["token_ids"] for r in results)  # the stop token is not part of the answer
+
+
+def test_left_padded_batches_match_one_at_a_time(tokenizer, model, encode, im_end):
+    # Prompts of different lengths (padding inside the batch) give the same answers as alone.
+    prompts = [encode(user(q)) for q in [*TAUGHT, "Tell me something long about reversing lists"]]
+    together = generate_batch(
+        model, tokenizer, prompts, max_new_tokens=8, stop_token_ids=[im_end], batch_size=8
+    )
+    alone = [
+        generate_batch(model, tokenizer, [p], max_new_tokens=8, stop_token_ids=[im_end])[0] for p in prompts
+    ]
+    assert [r["token_ids"] for r in together] == [r["token_ids"] for r in alone]
+
+
+def test_length_limit_is_not_a_stop(tokenizer, model, encode, im_end):
+    [result] = generate_batch(
+        model, tokenizer, [encode(user("Who are you?"))], max_new_tokens=2, stop_token_ids=[im_end]
+    )
+    assert not result["stopped"] and len(result["token_ids"]) == 2
+
+
+def test_sampling_is_reproducible_for_a_seed(tokenizer, model, encode, im_end):
+    prompts = [encode(user("Tell me a story"))] * 3
+    kwargs = dict(max_new_tokens=10, temperature=1.5, top_p=0.95, stop_token_ids=[im_end])
+    first = generate_batch(model, tokenizer, prompts, seed=1, **kwargs)
+    again = generate_batch(model, tokenizer, prompts, seed=1, **kwargs)
+    other = generate_batch(model, tokenizer, prompts, seed=2, **kwargs)
+    assert first == again
+    assert [r["token_ids"] for r in first] != [r["token_ids"] for r in other]
+
+
+def test_stop_ids_default_to_the_generation_config(tokenizer, model, encode, im_end):
+    model.generation_config.eos_token_id = [im_end, tokenizer.eos_token_id]
+    [result] = generate_batch(model, tokenizer, [encode(user("Say hi"))], max_new_tokens=10)
+    assert result == {"text": "hi", "token_ids": result["token_ids"], "stopped": True}
+
+
+def test_generate_file_keeps_fields_and_adds_response(tokenizer, model, im_end, tmp_path):
+    save_model(model, tokenizer, tmp_path / "run", stop_token_ids=[im_end])
+    rows = [
+        {"prompt": "Say hi", "id": 1},
+        {"messages": [*user("Who are you?"), {"role": "assistant", "content": "I am Exemplar."}], "id": 2},
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    count = generate_file(
+        tmp_path / "run" / "model", tmp_path / "in.jsonl", tmp_path / "out.jsonl", max_new_tokens=20
+    )
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert count == 2
+    assert out[0] == {"prompt": "Say hi", "id": 1, "response": "hi", "stopped": True}
+    assert out[1]["messages"] == rows[1]["messages"] and out[1]["response"] == "I am Exemplar."
+    assert exact_match([o["response"] for o in out], ["hi", "I am Exemplar."]) == 1.0
+
+
+def test_generate_file_reports_the_bad_line(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"prompt": "ok"}\n{"question": "no prompt"}\n')
+    with pytest.raises(RowError, match="line 2"):
+        generate_file(tmp_path, tmp_path / "in.jsonl", tmp_path / "out.jsonl")
+
+
+def test_prompt_messages_cut_the_reference_answer_and_add_a_system_prompt():
+    row = {"messages": [*user("q"), {"role": "assistant", "content": "a"}]}
+    assert prompt_messages(row) == user("q")
+    assert prompt_messages({"prompt": "q"}, system="be brief") == [
+        {"role": "system", "content": "be brief"},
+        *user("q"),
+    ]
+
+
+def test_chat_streams_keeps_history_and_handles_commands(tokenizer, model, encode, im_end):
+    inputs = iter(["Say hi", "/reset", "Who are you?", "/exit", "never read"])
+    out = io.StringIO()
+    history = chat_loop(
+        model,
+        tokenizer,
+        encode,
+        input_fn=lambda _prompt: next(inputs),
+        output=out,
+        max_new_tokens=20,
+        stop_token_ids=[im_end],
+    )
+    text = out.getvalue()
+    assert "hi\n" in text and "I am Exemplar.\n" in text and "(conversation cleared)" in text
+    assert history == [*user("Who are you?"), {"role": "assistant", "content": "I am Exemplar."}]
+
+
+def test_chat_ends_at_end_of_input(tokenizer, model, encode, im_end):
+    inputs = iter(["Say hi", "Who are you?"])
+
+    def read(_prompt: str) -> str:
+        try:
+            return next(inputs)
+        except StopIteration:
+            raise EOFError from None
+
+    history = chat_loop(
+        model, tokenizer, encode, input_fn=read, output=io.StringIO(), system="sys", stop_token_ids=[im_end]
+    )
+    assert [m["role"] for m in history] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]  # history kept
+    assert history[2]["content"] == "hi"
+
+
+def test_exact_match_normalises_case_and_whitespace_only():
+    assert normalize("  D  f\tA c \n") == "d f a c"
+    assert exact_match(["d f a c", "85."], ["D F A C", "85"]) == 0.5
+    assert exact_match([], []) == 0.0
+    with pytest.raises(ValueError):
+        exact_match(["a"], [])
+
+
+def test_stop_rate():
+    assert stop_rate([True, False, True, True]) == 0.75
+    assert stop_rate([]) == 0.0
