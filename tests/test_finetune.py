@@ -192,3 +192,15 @@ def test_quickstart_learns_the_held_out_skill(tmp_path):
     summary = json.loads((tmp_path / "qs" / "quickstart_summary.json").read_text())
     assert set(summary) >= {"before", "after", "wall_s", "model_dir"}
     assert AutoModelForCausalLM.from_pretrained(summary["model_dir"]) is not None
+
+
+def test_tensorboard_receives_the_step_metrics_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    finetune(load_config(None, **config_dict(tmp_path, ARCHITECTURES["llama"])), progress=False)
+    events = EventAccumulator(str(tmp_path / "out" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    loss_tag = next(tag for tag in tags if tag.endswith("loss"))
+    assert [e.step for e in events.Scalars(loss_tag)] == [1, 2, 3]
