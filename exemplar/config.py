@@ -105,7 +105,10 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     loss_chunk_size: int = Field(4096, gt=0)  # trained positions per cross-entropy chunk
     merge: bool = False  # write the merged model folder at the end of a LoRA run
+    # Under torchrun with several ranks: auto = fsdp2 (ddp for qlora). micro_batch_size is per rank:
+    # an optimizer step holds micro_batch_size x grad_accum x ranks sequences.
     distributed: Literal["auto", "fsdp2", "ddp", "none"] = "auto"
+    cpu_offload_optimizer: bool = False  # FSDP2 on GPU: sharded weights, grads and AdamW state in CPU RAM
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
     def resolved_lr(self) -> float:

@@ -5,7 +5,10 @@ so a resumed run sees exactly the batches an uninterrupted run would have.
 
 Vocabulary:
   sequence   one row of a batch: a packed bin of example indices, or a single example;
-  step       the GLOBAL list of sequences of one optimizer step, independent of the world size;
+  step       the GLOBAL list of sequences of one optimizer step: micro_batch_size x grad_accum x
+             world_size sequences (or grad_accum x world_size token-budget groups). It depends on
+             the world size only through that product, so 2 ranks x micro-batch 4 and 1 process x
+             micro-batch 8 plan exactly the same steps;
   micro-batch  what one rank runs forward/backward at once. `rank_micro_batches` cuts a rank's
              contiguous share of a step into micro-batches, so the same examples form step k
              whatever the number of ranks, and the loss (normalized by the step's trained tokens)
@@ -71,6 +74,7 @@ class TrainPlan:
     max_tokens_per_batch: int | None = None
     seed: int = 0
     shuffle: bool = True
+    world_size: int = 1  # ranks sharing each step: `micro_batch_size` is per rank
 
     def __post_init__(self) -> None:
         self.seq_lengths = _row_lengths(self.lengths, self.sequences)
@@ -89,10 +93,13 @@ class TrainPlan:
         max_tokens_per_batch: int | None = None,
         seed: int = 0,
         shuffle: bool = True,
+        world_size: int = 1,
     ) -> TrainPlan:
         lengths = np.asarray(lengths, dtype=np.int64)
         sequences = make_sequences(lengths, max_length, packing)
-        return cls(lengths, sequences, micro_batch_size, grad_accum, max_tokens_per_batch, seed, shuffle)
+        return cls(
+            lengths, sequences, micro_batch_size, grad_accum, max_tokens_per_batch, seed, shuffle, world_size
+        )
 
     # -- epochs and steps ----------------------------------------------------------------------
 
@@ -105,13 +112,14 @@ class TrainPlan:
     def epoch_steps(self, epoch: int) -> list[Step]:
         order = self.epoch_order(epoch)
         if self.max_tokens_per_batch is None:
-            size = self.micro_batch_size * self.grad_accum
+            size = self.micro_batch_size * self.grad_accum * self.world_size
             groups = [order[i : i + size].tolist() for i in range(0, len(order), size)]
         else:
             micro = token_budget_groups(self.seq_lengths[order].tolist(), self.max_tokens_per_batch)
+            per_step = self.grad_accum * self.world_size
             groups = [
-                [int(order[j]) for mb in micro[i : i + self.grad_accum] for j in mb]
-                for i in range(0, len(micro), self.grad_accum)
+                [int(order[j]) for mb in micro[i : i + per_step] for j in mb]
+                for i in range(0, len(micro), per_step)
             ]
         return [[self.sequences[i] for i in g] for g in groups]
 
@@ -139,6 +147,12 @@ class TrainPlan:
     def rank_micro_batches(self, step: Step, rank: int = 0, world_size: int = 1) -> list[list[Seq]]:
         """This rank's contiguous share of a step, cut into micro-batches.
 
+        Rank r of n takes rows [r * len / n, (r + 1) * len / n): the shares tile the step with no
+        gap or overlap, and differ in size by at most one row. A share may be empty (a last step
+        with fewer rows than ranks); `micro_batches_per_rank` says how many micro-batches the
+        busiest rank runs, which every rank must match (with zero-weight fillers) for the
+        collectives of FSDP/DDP to line up.
+
         Within the share, rows are sorted longest first before cutting: the step's gradient does
         not depend on the cut (the loss is normalized per step), and similar lengths waste less
         padding. Longest first also makes an out-of-memory error show up on the first micro-batch.
@@ -151,6 +165,10 @@ class TrainPlan:
             return [share[i : i + m] for i in range(0, len(share), m)]
         groups = token_budget_groups([self.row_length(s) for s in share], self.max_tokens_per_batch)
         return [[share[i] for i in g] for g in groups]
+
+    def micro_batches_per_rank(self, step: Step, world_size: int) -> int:
+        """The most micro-batches any rank runs for `step` (every rank can compute it locally)."""
+        return max(len(self.rank_micro_batches(step, r, world_size)) for r in range(world_size))
 
     def row_length(self, seq: Seq) -> int:
         return int(sum(int(self.lengths[i]) for i in seq))

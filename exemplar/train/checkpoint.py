@@ -9,6 +9,17 @@ run is killed at. Contents:
   scheduler.json       learning-rate schedule inputs (the rate itself is a function of the step)
   rng.pt               python, numpy, torch CPU and CUDA generator states
   trainer_state.json   step, epoch, position in the plan, config hash, running totals, metrics
+
+Runs on several ranks (torchrun) write a sharded checkpoint with `torch.distributed.checkpoint`
+instead: every rank writes its own shards of the weights and optimizer state in parallel.
+
+  dcp/                 {"model": trainable weights, "optimizer": AdamW state}, keyed by parameter
+                       name; loads onto any number of ranks (resharded on load), or one process
+  rng-rank{R}.pt       each rank's generator states
+  scheduler.json, trainer_state.json   as above (written by rank 0)
+
+`load_checkpoint` reads either format into a single-process or a distributed model, so a run can
+resume on a different number of ranks than it was saved from.
 """
 
 from __future__ import annotations
@@ -19,8 +30,9 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,9 +41,13 @@ from torch import nn
 
 from exemplar.errors import ExemplarError
 
+if TYPE_CHECKING:
+    from exemplar.train.distributed import World
+
 STEP_RE = re.compile(r"^step-(\d+)$")
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".del-"
+SHARDED_DIR = "dcp"
 
 
 def step_dir_name(step: int) -> str:
@@ -101,9 +117,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# How a step is split over micro-batches and ranks does not change what is trained (the loss is
+# normalised per step); the global batch itself is checked separately on resume.
+SPLIT_KEYS = {"micro_batch_size", "grad_accum", "distributed", "cpu_offload_optimizer"}
+
+
 def config_hash(config: Any) -> str:
-    """Hash of the settings that define a run (paths to outputs excluded)."""
+    """Hash of the settings that define a run (paths to outputs and the step's split excluded)."""
     data = config.model_dump(mode="json", exclude={"output_dir", "base_dir"})
+    for key in SPLIT_KEYS:
+        data.get("train", {}).pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -119,8 +142,15 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     schedule: dict[str, Any],
     trainer_state: dict[str, Any],
+    world: World | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically under `root` and return its folder."""
+    """Write checkpoint `step` atomically under `root` and return its folder.
+
+    With several ranks (`world.distributed`) every rank must call this: it writes a sharded
+    checkpoint (see the module docstring); `model` is the transformers/PEFT model inside the wrapper.
+    """
+    if world is not None and world.distributed:
+        return _save_sharded(root, step, model, optimizer, schedule, trainer_state, world)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
@@ -140,6 +170,59 @@ def save_checkpoint(
     os.rename(tmp, final)
     _fsync_dir(root)
     return final
+
+
+def _save_sharded(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: dict[str, Any],
+    trainer_state: dict[str, Any],
+    world: World,
+) -> Path:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = root / step_dir_name(step)
+    tmp = root / f"{TMP_PREFIX}{final.name}-ranks"  # the same folder on every rank
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer, options=_state_options(model))
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / SHARDED_DIR))
+    rng_file = tmp / f"rng-rank{world.rank}.pt"
+    torch.save(rng_state(), rng_file)
+    _fsync_file(rng_file)
+    dist.barrier()  # every rank's shards and RNG file are on disk
+    if world.is_main:
+        _write_json(tmp / "scheduler.json", schedule)
+        _write_json(
+            tmp / "trainer_state.json", {**trainer_state, "format": "sharded", "world_size": world.world_size}
+        )
+        for f in tmp.iterdir():
+            if f.is_file():
+                _fsync_file(f)
+        _fsync_dir(tmp)
+        if final.exists():
+            _discard(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    dist.barrier()  # nobody goes on (and prunes or resumes) before the folder is in place
+    return final
+
+
+def _state_options(model: nn.Module, strict: bool = True, full: bool = False):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # LoRA: only the trainable (adapter) weights; the frozen base comes from the model's source.
+    return StateDictOptions(
+        ignore_frozen_params=not is_full_finetune(model), strict=strict, full_state_dict=full
+    )
 
 
 def prune_checkpoints(root: Path, keep_last: int, keep: set[int] | None = None) -> None:
@@ -205,11 +288,80 @@ def latest_checkpoint(root: Path) -> Path | None:
     return checkpoints[-1][1] if checkpoints else None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG states from `path`; return its trainer state."""
-    load_trainable_state_dict(model, path / "model.safetensors")
-    device = next(model.parameters()).device
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, world: World | None = None
+) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG states from `path`; return its trainer state.
+
+    Either format loads into either kind of run: a sharded checkpoint into one process or any
+    number of ranks, a single-process one into ranks (every rank must call this then).
+    """
+    distributed = world is not None and world.distributed
+    if (path / SHARDED_DIR).is_dir():
+        _load_sharded(path, model, optimizer)
+        rank = world.rank if distributed else 0
+        rng_file = path / f"rng-rank{rank}.pt"
+        if not rng_file.is_file():  # more ranks than saved it: their streams cannot be continued
+            rng_file = path / "rng-rank0.pt"
+    elif distributed:
+        _load_full_into_ranks(path, model, optimizer)
+        rng_file = path / "rng.pt"
+    else:
+        load_trainable_state_dict(model, path / "model.safetensors")
+        device = next(model.parameters()).device
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+        rng_file = path / "rng.pt"
     # Our own file with numpy/python RNG tuples inside, hence weights_only=False.
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+def _load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    # The state dicts of this model and optimizer, as they are sharded now, are the templates
+    # the checkpoint is read (and resharded) into.
+    model_state, optim_state = get_state_dict(model, optimizer, options=_state_options(model))
+    state = {"model": model_state, "optimizer": optim_state}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path / SHARDED_DIR))
+    except Exception as e:  # DCP reports a missing key or a shape mismatch in many ways
+        raise ExemplarError(f"{path}: the checkpoint does not match this model and optimizer: {e}") from None
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=_state_options(model, strict=False),
+    )
+
+
+def _load_full_into_ranks(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A single-process checkpoint into a distributed model: every rank reads the files and keeps
+    its own shards (FSDP2) or the whole (DDP)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    weights = load_file(str(path / "model.safetensors"))
+    names = dict(model.named_parameters())
+    unexpected = [k for k in weights if k not in names and k not in dict(model.named_buffers())]
+    if unexpected:
+        raise ExemplarError(
+            f"{path}: checkpoint weights do not match this model (unexpected: {', '.join(unexpected[:5])})"
+        )
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(names)
+    missing = [n for n, p in names.items() if p.requires_grad and n not in weights and n not in tied]
+    if missing:
+        raise ExemplarError(f"{path}: checkpoint lacks trainable weights: {', '.join(missing[:5])}")
+    set_model_state_dict(model, weights, options=_state_options(model, strict=False, full=True))
+    # optimizer.pt numbers parameters in the optimizer's order; the distributed API wants names.
+    saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    name_of = {id(p): n for n, p in names.items()}
+    order = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    by_name = {
+        "state": {order[i]: value for i, value in saved["state"].items()},
+        "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=_state_options(model, full=True))

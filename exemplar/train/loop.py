@@ -5,6 +5,10 @@ run_training
   -> for each optimizer step: fetch its micro-batches, forward/backward each with the loss divided
      by the trained tokens of the WHOLE step, clip, AdamW step
   -> log, evaluate, checkpoint, summarize.
+
+Under torchrun with several ranks (see distributed.py) the same loop runs on every rank: each
+takes its share of every step, the token count is all-reduced before backward, the model is
+wrapped with FSDP2 or DDP, checkpoints are sharded, and only rank 0 logs and writes metrics.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,9 @@ from torch import nn
 
 from exemplar.config import Config, TrainConfig
 from exemplar.data.packing import Batch, collate_packed, collate_padded, flatten_batch
+from exemplar.data.schema import IGNORE_INDEX
 from exemplar.errors import ExemplarError
+from exemplar.train import distributed as dist_utils
 from exemplar.train.batching import Seq, TrainPlan, example_lengths
 from exemplar.train.checkpoint import (
     config_hash,
@@ -67,41 +73,53 @@ def train_step(
     max_grad_norm: float | None,
     autocast: Callable[[], contextlib.AbstractContextManager],
     reduce_count: Callable[[int], int] | None = None,
+    fillers: Sequence[Batch] = (),
+    sync: dist_utils.RankSync | None = None,
 ) -> StepResult:
     """Forward/backward every micro-batch of one step, then clip and update.
 
     Every micro-batch's summed loss is divided by the trained tokens of the whole step (on every
     rank, once `reduce_count` all-reduces the count), so the gradient is the mean over the step's
     tokens whatever the micro-batch size, accumulation, or number of ranks.
+
+    With several ranks, `sync` all-reduces the count (unless `reduce_count` is given), the
+    reported loss and tokens, and takes the global gradient norm; `fillers` are run with weight 0
+    after the real micro-batches, so that every rank runs as many passes as the busiest one.
     """
     num_trained = sum(b.num_trained for b in micro_batches)
+    if reduce_count is None and sync is not None:
+        reduce_count = sync.count
     if reduce_count is not None:
         num_trained = reduce_count(num_trained)
     denominator = max(num_trained, 1)
 
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    for batch in micro_batches:
-        with autocast():
-            sums = loss_fn(batch)
-        loss = sums.loss_sum / denominator
-        loss.backward()
-        total = total + loss.detach().float()  # stays on the device: one sync per step, below
+    work = [(b, True) for b in micro_batches] + [(b, False) for b in fillers]
+    for i, (batch, real) in enumerate(work):
+        last = i == len(work) - 1
+        with contextlib.nullcontext() if last or sync is None else sync.accumulate():
+            with autocast():
+                sums = loss_fn(batch)
+            loss = sums.loss_sum / denominator
+            if not real:  # runs the collectives of a pass, contributes nothing
+                loss = loss * 0.0
+            loss.backward()
+        if real:
+            total = total + loss.detach().float()  # stays on the device: one sync per step, below
 
+    num_tokens = sum(b.num_tokens for b in micro_batches)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    grad_norm = _clip(params, max_grad_norm)
+    if sync is not None:
+        loss_value, num_tokens = sync.totals(total, num_tokens)
+        grad_norm = sync.clip(params, max_grad_norm)
+    else:
+        loss_value = float(total)
+        grad_norm = dist_utils.clip_local(params, max_grad_norm)
     skipped = num_trained == 0 or not math.isfinite(grad_norm)
     if not skipped:
         optimizer.step()
-    return StepResult(float(total), grad_norm, sum(b.num_tokens for b in micro_batches), num_trained, skipped)
-
-
-def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
-    if not params:
-        return 0.0
-    if max_norm is None:
-        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return StepResult(loss_value, grad_norm, num_tokens, num_trained, skipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,21 +128,34 @@ def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
 
 @torch.no_grad()
 def evaluate(
-    loss_fn: LMLoss, batches: Iterable[Batch], autocast: Callable[[], contextlib.AbstractContextManager]
+    loss_fn: LMLoss,
+    batches: Iterable[Batch | tuple[Batch, bool]],
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    world: dist_utils.World = dist_utils.SINGLE,
 ) -> dict[str, float]:
-    """Loss, perplexity and token accuracy over every trained token of `batches`."""
+    """Loss, perplexity and token accuracy over every trained token of `batches`.
+
+    Items may be (batch, counted) pairs: uncounted ones are fillers that keep the ranks' forward
+    passes in step. With several ranks the sums are all-reduced, so every rank returns the totals.
+    """
     was_training = loss_fn.model.training
     loss_fn.model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     try:
-        for batch in batches:
+        for item in batches:
+            batch, counted = item if isinstance(item, tuple) else (item, True)
             with autocast():
                 sums = loss_fn(batch, with_accuracy=True)
+            if not counted:
+                continue
             loss_sum += float(sums.loss_sum)
             correct += int(sums.num_correct)
             count += sums.num_trained
     finally:
         loss_fn.model.train(was_training)
+    if world.distributed:
+        loss_sum, correct, count = dist_utils.all_reduce_sum([loss_sum, correct, count], world)
+        correct, count = int(correct), int(count)
     loss = loss_sum / max(count, 1)
     return {
         "eval_loss": loss,
@@ -144,6 +175,23 @@ class BatchLoader:
     def __init__(self, dataset, packing: bool, pad_id: int, device: torch.device, flat: bool):
         self.dataset = dataset.select_columns(["input_ids", "labels"])
         self.packing, self.pad_id, self.device, self.flat = packing, pad_id, device, flat
+        self._filler: Batch | None = None
+
+    def filler(self) -> Batch:
+        """A 2-token batch with one trained position, run with weight 0 by a rank with no rows left.
+
+        A real (not all-masked) target makes the pass touch every parameter the real ones do
+        (the output layer included), so the gradient collectives of FSDP/DDP line up.
+        """
+        if self._filler is None:
+            example = ([self.pad_id, self.pad_id], [IGNORE_INDEX, self.pad_id])
+            batch = (
+                collate_packed([[example]], self.pad_id)
+                if self.packing
+                else collate_padded([example], self.pad_id)
+            )
+            self._filler = (flatten_batch(batch) if self.flat else batch).to(self.device)
+        return self._filler
 
     def __call__(self, rows: list[Seq]) -> Batch:
         wanted = sorted({i for row in rows for i in row})
@@ -199,40 +247,65 @@ def run_training(
     without it, refuses an OUTPUT that already holds checkpoints. `callbacks` are called as
     callback(event, payload) for the events "step", "eval", "save" and "end". `progress` shows the
     tqdm bar. The model is left trained, in eval mode.
+
+    Under torchrun with several ranks every rank calls this with the same arguments; the model is
+    then left wrapped (FSDP2: sharded; `distributed.model_for_export` gathers it). Only rank 0
+    writes metrics, the summary and the progress bar; callbacks run on every rank.
     """
     train = config.train
     output_dir = Path(config.output_dir)
     ckpt_root = output_dir / "checkpoints"
     callbacks = list(callbacks or [])
-    seed_everything(train.seed)
+    world = dist_utils.current_world()
+    if not world.distributed and dist_utils.launched_world_size() > 1:
+        raise ExemplarError(
+            f"torchrun started {dist_utils.launched_world_size()} ranks but torch.distributed is not "
+            "initialized: call exemplar.train.distributed.init_distributed() first (finetune does)"
+        )
+    strategy = dist_utils.resolve_strategy(train, world)
+    dist_utils.check_offload(train, strategy)
+    # Rank 0 draws the stream one process would; other ranks their own (dropout masks must differ
+    # between ranks). The data order does not depend on it: it is seeded by (seed, epoch).
+    seed_everything(train.seed + world.rank)
     device = _place(model)
     flat = needs_flat_batches(model)
 
     lengths = _checked_lengths(train_ds, config.max_length)
-    plan = _plan(config, lengths, shuffle=config.data.shuffle)
+    plan = _plan(config, lengths, shuffle=config.data.shuffle, world_size=world.world_size)
     total_steps = plan.total_steps(train.epochs, train.max_steps)
     load = BatchLoader(train_ds, config.packing, _pad_id(tokenizer), device, flat)
-    eval_batches = _eval_batches(config, eval_ds, tokenizer, device, flat) if eval_ds else None
+    eval_batches = _eval_batches(config, eval_ds, tokenizer, device, flat, world) if eval_ds else None
+    fingerprint = _fingerprint(plan)
+    dist_utils.check_same_everywhere(fingerprint, world, "the training data")
 
     loss_fn = LMLoss(model, train.loss_chunk_size)
     loss_fn.check_head()
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = build_optimizer(model, train)
     autocast = autocast_factory(train.precision, device)
+    forward, evaluator, sync = loss_fn, loss_fn, None
+    if strategy != "none":
+        dist_utils.check_same_weights(model, world)
+        bf16 = autocast is not contextlib.nullcontext
+        wrapped = dist_utils.wrap_for_training(loss_fn, train, world, device, bf16)
+        forward, evaluator, sync = wrapped.forward, wrapped.evaluator, wrapped.sync
+    optimizer = build_optimizer(model, train)  # after wrapping: FSDP2 replaces the parameters
     schedule = schedule_state(train, total_steps)
-    fingerprint = _fingerprint(plan)
 
     state, resumed_from = RunState(), None
-    if not resume and latest_checkpoint(ckpt_root) is not None:
+    # Rank 0's view of the folder decides for every rank.
+    latest = dist_utils.broadcast_object(latest_checkpoint(ckpt_root), world)
+    if not resume and latest is not None:
         raise ExemplarError(
             f"{output_dir} already holds checkpoints of a run: resume it, or choose another output_dir"
         )
-    if resume and (path := latest_checkpoint(ckpt_root)) is not None:
-        state = _resume(path, model, optimizer, config, fingerprint)
-        resumed_from = str(path)
-        log.info("resumed from %s (step %d of %d)", path, state.step, total_steps)
-    remove_stale(ckpt_root)
+    if resume and latest is not None:
+        state = _resume(latest, model, optimizer, config, fingerprint, plan, world)
+        resumed_from = str(latest)
+        log.info("resumed from %s (step %d of %d)", latest, state.step, total_steps)
+    if world.is_main:
+        remove_stale(ckpt_root)
+    dist_utils.barrier(world)
 
     def save() -> None:
         trainer_state = _trainer_state(state, plan, total_steps, config, fingerprint)
@@ -243,14 +316,16 @@ def run_training(
             optimizer=optimizer,
             schedule=schedule,
             trainer_state=trainer_state,
+            world=world,
         )
         state.last_checkpoint_step = state.step
         keep = {state.best_step} if train.keep_best and state.best_step is not None else set()
-        prune_checkpoints(ckpt_root, train.keep_last, keep)
+        if world.is_main:
+            prune_checkpoints(ckpt_root, train.keep_last, keep)
         _emit(callbacks, "save", {"step": state.step, "path": str(path)})
 
     def run_eval() -> None:
-        result = evaluate(loss_fn, eval_batches(), autocast)
+        result = evaluate(evaluator, eval_batches(), autocast, world)
         state.last_eval, state.last_eval_step = result, state.step
         row = {"step": state.step, "epoch": round(state.step / plan.steps_per_epoch, 4), **result}
         logger.log_eval(row)
@@ -260,15 +335,28 @@ def run_training(
             if train.keep_best:
                 save()
 
-    logger = MetricsLogger(output_dir, total_steps, start_step=state.step, progress=progress)
+    if world.is_main:
+        logger = MetricsLogger(output_dir, total_steps, start_step=state.step, progress=progress)
+    else:
+        logger = _SilentLogger()
     model.train()
     try:
         for index, epoch, step in plan.iter_steps(state.step, total_steps):
             start = time.perf_counter()
             set_lr(optimizer, lr := lr_at(index, total_steps, train))
-            micro_batches = [load(rows) for rows in plan.rank_micro_batches(step)]
+            mine = plan.rank_micro_batches(step, world.rank, world.world_size)
+            micro_batches = [load(rows) for rows in mine]
+            fillers = []
+            if world.distributed:
+                fillers = [load.filler()] * (plan.micro_batches_per_rank(step, world.world_size) - len(mine))
             result = train_step(
-                loss_fn, optimizer, micro_batches, max_grad_norm=train.max_grad_norm, autocast=autocast
+                forward,
+                optimizer,
+                micro_batches,
+                max_grad_norm=train.max_grad_norm,
+                autocast=autocast,
+                fillers=fillers,
+                sync=sync,
             )
             seconds = time.perf_counter() - start
             _account(state, result, seconds)
@@ -294,9 +382,26 @@ def run_training(
             model.gradient_checkpointing_disable()
 
     summary = _summary(state, plan, total_steps, config, resumed_from, ckpt_root)
-    _write_json(output_dir / "train_summary.json", summary)
+    if world.distributed:
+        summary["world_size"] = world.world_size
+        summary["distributed"] = strategy
+    if world.is_main:
+        _write_json(output_dir / "train_summary.json", summary)
     _emit(callbacks, "end", summary)
     return summary
+
+
+class _SilentLogger:
+    """What ranks other than 0 log: nothing."""
+
+    def log_step(self, row: dict[str, Any], write: bool = True) -> None:
+        pass
+
+    def log_eval(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +454,9 @@ def _checked_lengths(dataset, max_length: int, what: str = "training") -> np.nda
     return lengths
 
 
-def _plan(config: Config, lengths: np.ndarray, shuffle: bool, grad_accum: int | None = None) -> TrainPlan:
+def _plan(
+    config: Config, lengths: np.ndarray, shuffle: bool, grad_accum: int | None = None, world_size: int = 1
+) -> TrainPlan:
     train: TrainConfig = config.train
     return TrainPlan.build(
         lengths,
@@ -360,14 +467,29 @@ def _plan(config: Config, lengths: np.ndarray, shuffle: bool, grad_accum: int | 
         max_tokens_per_batch=train.max_tokens_per_batch,
         seed=train.seed,
         shuffle=shuffle,
+        world_size=world_size,
     )
 
 
-def _eval_batches(config: Config, eval_ds, tokenizer: Any, device: torch.device, flat: bool):
-    """A re-iterable of eval batches: one micro-batch per planned step, in dataset order."""
-    plan = _plan(config, _checked_lengths(eval_ds, config.max_length, "eval"), shuffle=False, grad_accum=1)
+def _eval_batches(
+    config: Config, eval_ds, tokenizer: Any, device: torch.device, flat: bool, world: dist_utils.World
+):
+    """A re-iterable of (batch, counted) pairs: this rank's share of each planned step, in dataset
+    order, plus fillers so that every rank runs as many forward passes as the busiest one."""
+    lengths = _checked_lengths(eval_ds, config.max_length, "eval")
+    plan = _plan(config, lengths, shuffle=False, grad_accum=1, world_size=world.world_size)
     load = BatchLoader(eval_ds, config.packing, _pad_id(tokenizer), device, flat)
-    return lambda: (load(rows) for step in plan.epoch_steps(0) for rows in plan.rank_micro_batches(step))
+
+    def batches():
+        for step in plan.epoch_steps(0):
+            mine = plan.rank_micro_batches(step, world.rank, world.world_size)
+            for rows in mine:
+                yield load(rows), True
+            if world.distributed:
+                for _ in range(plan.micro_batches_per_rank(step, world.world_size) - len(mine)):
+                    yield load.filler(), False
+
+    return batches
 
 
 def _fingerprint(plan: TrainPlan) -> str:
@@ -376,8 +498,16 @@ def _fingerprint(plan: TrainPlan) -> str:
     return f"{len(plan.lengths)}:{digest}"
 
 
-def _resume(path: Path, model: nn.Module, optimizer, config: Config, fingerprint: str) -> RunState:
-    saved = load_checkpoint(path, model, optimizer)
+def _resume(
+    path: Path,
+    model: nn.Module,
+    optimizer,
+    config: Config,
+    fingerprint: str,
+    plan: TrainPlan,
+    world: dist_utils.World = dist_utils.SINGLE,
+) -> RunState:
+    saved = load_checkpoint(path, model, optimizer, world)
     if saved.get("data_fingerprint") != fingerprint:
         raise ExemplarError(
             f"cannot resume from {path}: the training data differs from the data of that run "
@@ -386,6 +516,15 @@ def _resume(path: Path, model: nn.Module, optimizer, config: Config, fingerprint
     if saved.get("config_hash") != config_hash(config):
         log.warning(
             "resuming from %s with a changed config; the batch plan and schedule follow the new one", path
+        )
+    if "global_batch" in saved and saved["global_batch"] != _global_batch(plan):
+        log.warning(
+            "resuming from %s with another global batch (%s, now %s): the steps from here hold other "
+            "examples than the interrupted run's would have. Keep micro_batch_size x grad_accum x ranks "
+            "constant to continue exactly",
+            path,
+            saved["global_batch"],
+            _global_batch(plan),
         )
     fields = RunState.__dataclass_fields__
     state = RunState(**{k: v for k, v in saved.get("run", {}).items() if k in fields})
@@ -406,8 +545,16 @@ def _trainer_state(
         "total_steps": total_steps,
         "config_hash": config_hash(config),
         "data_fingerprint": fingerprint,
+        "global_batch": _global_batch(plan),
         "run": {**state.__dict__, "last_checkpoint_step": state.step},
     }
+
+
+def _global_batch(plan: TrainPlan) -> str:
+    """What one optimizer step holds, whatever the split into micro-batches and ranks."""
+    if plan.max_tokens_per_batch is None:
+        return f"{plan.micro_batch_size * plan.grad_accum * plan.world_size} sequences"
+    return f"{plan.grad_accum * plan.world_size} groups of {plan.max_tokens_per_batch} tokens"
 
 
 def _account(state: RunState, result: StepResult, seconds: float) -> None:

@@ -62,8 +62,15 @@ class MetricsLogger:
         truncate_metrics(self.path, start_step)
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self.tb = _tensorboard(output_dir / "tensorboard", purge_step=start_step + 1 if start_step else None)
+        # In a log file (no terminal) every refresh is a new line: refresh every 30 s there instead.
+        interactive = sys.stderr.isatty()
         self.bar = tqdm(
-            total=total_steps, initial=start_step, desc="train", unit="step", disable=not progress
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            disable=not progress,
+            mininterval=0.1 if interactive else 30.0,
         )
 
     def log_step(self, row: dict[str, Any], write: bool = True) -> None:
