@@ -18,7 +18,7 @@ point of the message is to let someone open the file and fix that exact spot.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from exemplar.config import DatasetSpec
@@ -99,6 +99,9 @@ class _Names:
         if canonical not in self.columns and name in self._claimed:
             return False
         return row.get(name) is not None
+
+
+_NO_COLUMNS = _Names(None)  # shared: _Names is never modified after construction
 
 
 class _Ctx:
@@ -201,7 +204,7 @@ def to_example(source: SourceRow, fmt: str, columns: Mapping[str, str] | None = 
 
     Raises RowError naming the field path (in the file's names) of the first problem.
     """
-    names = _Names(columns)
+    names = _Names(columns) if columns else _NO_COLUMNS
     if fmt == "auto":
         fmt = detect_format(source.data, names.columns, source=source)
     converter = _CONVERTERS.get(fmt)
@@ -603,20 +606,60 @@ def convert_all(
     shape is a RowError (mixed formats in one file are almost always a mistake, and guessing per
     row would hide it). Raises DataError only when the source as a whole is unusable.
     """
-    check_columns(spec.columns)
     examples: list[tuple[SourceRow, Example]] = []
     problems: list[RowError] = []
-    file_formats: dict[str, tuple[str, str]] = {}  # file -> (format, location that decided it)
-    for item in iter_rows(spec, resolve):
+    for item in iter_examples(spec, resolve):
         if isinstance(item, RowError):
             problems.append(item)
+        else:
+            examples.append(item)
+    return examples, problems
+
+
+def iter_examples(
+    spec: DatasetSpec, resolve: Resolve = lambda p: p
+) -> Iterator[tuple[SourceRow, Example] | RowError]:
+    """`convert_all` one row at a time: (source, example), or the RowError in the row's place."""
+    check_columns(spec.columns)
+    yield from convert_rows(iter_rows(spec, resolve), spec, {})
+
+
+def convert_rows(
+    items: Iterable[SourceRow | RowError], spec: DatasetSpec, file_formats: dict[str, tuple[str, str]]
+) -> Iterator[tuple[SourceRow, Example] | RowError]:
+    """Convert read rows in order. `file_formats` (file -> (format, location that decided it))
+    is the `format: auto` state so far: empty at the start of a dataset, or `format_decisions`
+    up to a row, to convert a slice of a dataset on its own exactly as in one pass."""
+    for item in items:
+        if isinstance(item, RowError):
+            yield item
             continue
         try:
             fmt = spec.format if spec.format != "auto" else _file_format(item, spec.columns, file_formats)
-            examples.append((item, to_example(item, fmt, spec.columns)))
+            example = to_example(item, fmt, spec.columns)
         except RowError as e:
-            problems.append(e)
-    return examples, problems
+            yield e
+            continue
+        yield item, example
+
+
+def format_decisions(
+    items: Sequence[SourceRow | RowError], spec: DatasetSpec
+) -> dict[str, tuple[int, str, str]]:
+    """For `format: auto`: file -> (index of the row that decides its format, format, location),
+    as a pass of `convert_rows` over `items` would decide them."""
+    decided: dict[str, tuple[int, str, str]] = {}
+    if spec.format != "auto":
+        return decided
+    for i, item in enumerate(items):
+        if isinstance(item, RowError) or item.file in decided:
+            continue
+        try:
+            shape = detect_format(item.data, spec.columns, source=item)
+        except RowError:
+            continue
+        decided[item.file] = (i, shape, item.location)
+    return decided
 
 
 def _file_format(source: SourceRow, columns: Mapping[str, str], known: dict[str, tuple[str, str]]) -> str:

@@ -65,7 +65,7 @@ class ChatMasker:
         self.variables = variables  # bos_token, eos_token, ... as the template sees them
         self.special_tokens = sorted({t for t in special_tokens if t}, key=len, reverse=True)
         self.mask = mask or MaskConfig()
-        self._skeletons: OrderedDict[str, str] = OrderedDict()
+        self._skeletons: OrderedDict[tuple, _Skeleton] = OrderedDict()
         self.stop_token = self._probe_stop_token()
 
     # -- rendering -------------------------------------------------------------------------
@@ -81,12 +81,17 @@ class ChatMasker:
             special=self.variables,
         )
 
-    def _skeleton(self, messages: list[dict[str, Any]], tools: Any) -> str:
-        # Conversations of the same shape share a skeleton; cache a bounded number of them.
-        key = json.dumps([messages, tools], sort_keys=True, default=str)
+    def _skeleton(self, messages: list[dict[str, Any]], tools: Any) -> _Skeleton:
+        """The template rendered with placeholders, and where each placeholder is in it.
+
+        Conversations of the same shape (roles, which contents are empty, every non-content
+        field, tools) share a skeleton; a bounded number of them is cached.
+        """
+        key = _shape_key(messages, tools)
         found = self._skeletons.get(key)
         if found is None:
-            found = self.render(messages, tools)
+            filled = [i for i, m in enumerate(messages) if m["content"] == placeholder(i)]
+            found = _Skeleton(self.render(messages, tools), filled)
             self._skeletons[key] = found
             if len(self._skeletons) > 4096:
                 self._skeletons.popitem(last=False)
@@ -131,30 +136,22 @@ class ChatMasker:
         return spans
 
     def _spans_by_substitution(self, messages, tools, full) -> list[Span | None] | None:
-        filled = [i for i, m in enumerate(messages) if m["content"]]
         skeleton = self._skeleton(
-            [dict(m, content=placeholder(i)) if i in filled else m for i, m in enumerate(messages)], tools
+            [dict(m, content=placeholder(i)) if m["content"] else m for i, m in enumerate(messages)], tools
         )
-        positions = []
-        for i in filled:
-            at = skeleton.find(placeholder(i))
-            if at < 0 or skeleton.find(placeholder(i), at + 1) >= 0:
-                return None  # dropped or repeated by the template: locate one at a time
-            positions.append((at, i))
-        positions.sort()
-        for transform in (lambda s: s, str.strip):
+        if skeleton.layout is None:
+            return None  # a placeholder dropped or repeated by the template: locate one at a time
+        for transform in (None, str.strip):
             spans: list[Span | None] = [None] * len(messages)
-            parts, cursor, length = [], 0, 0
-            for at, i in positions:
-                head = skeleton[cursor:at]
-                body = transform(messages[i]["content"])
+            parts, length = [], 0
+            for head, i in skeleton.layout:
+                body = messages[i]["content"] if transform is None else transform(messages[i]["content"])
                 parts += [head, body]
                 length += len(head)
                 spans[i] = (length, length + len(body))
                 length += len(body)
-                cursor = at + len(placeholder(i))
-            parts.append(skeleton[cursor:])
-            if "".join(parts) == full:
+            parts.append(skeleton.tail)
+            if length + len(skeleton.tail) == len(full) and "".join(parts) == full:
                 return spans
         return None
 
@@ -208,17 +205,30 @@ class ChatMasker:
     def render_pieces(self, conv: Conversation) -> RenderedChat:
         messages = [m.to_template_dict() for m in conv.messages]
         full = self.render(messages, conv.tools)
+        fast = self._pieces_from_recipe(conv, messages, full)
+        return fast if fast is not None else self._render_pieces_general(conv, messages, full)
+
+    def _render_pieces_general(
+        self, conv: Conversation, messages: list[dict[str, Any]], full: str
+    ) -> RenderedChat:
         spans = self.content_spans(messages, conv.tools, full)
         if self.mask.train_on_everything:
             return RenderedChat(full, _cut(full, spans, [(0, len(full))]), 0)
+        regions, missing = self._regions(
+            conv.messages, messages, conv.tools, full, spans, self.trained_messages(conv)
+        )
+        return RenderedChat(full, _cut(full, spans, regions), missing)
+
+    def _regions(self, conv_messages, messages, tools, full, spans, trained) -> tuple[list[Span], int]:
+        """Trained regions: each trained message's content plus the stop token closing its turn."""
         regions, missing = [], 0
         starts = sorted(s[0] for s in spans if s is not None)
-        for i in self.trained_messages(conv):
+        for i in trained:
             span = spans[i]
             if span is None:
-                if not conv.messages[i].tool_calls:
+                if not conv_messages[i].tool_calls:
                     continue  # nothing rendered for this message: nothing to train
-                at = self._generation_start(messages, conv.tools, full, i)
+                at = self._generation_start(messages, tools, full, i)
                 span = (at, at)
             end = span[1]
             if self.mask.train_stop_token:
@@ -228,7 +238,79 @@ class ChatMasker:
                 else:
                     end = stop_end
             regions.append((span[0], end))
-        return RenderedChat(full, _cut(full, spans, regions), missing)
+        return regions, missing
+
+    # -- the fast path: one recipe per conversation shape ------------------------------------
+
+    def _pieces_from_recipe(
+        self, conv: Conversation, messages: list[dict[str, Any]], full: str
+    ) -> RenderedChat | None:
+        """The pieces of the general path, from a recipe cut once per skeleton and trained set.
+
+        Valid when the real contents substituted into the skeleton give `full` (the template treats
+        contents as opaque text), every content is non-empty, and no trained message is rendered
+        without content: then every piece of template text, trained flag and stop token is the
+        skeleton's, and only the contents change. Otherwise returns None (the general path).
+        """
+        skeleton = self._skeleton(
+            [dict(m, content=placeholder(i)) if m["content"] else m for i, m in enumerate(messages)],
+            conv.tools,
+        )
+        layout = skeleton.layout
+        if layout is None:
+            return None
+        for transform in (None, str.strip):
+            bodies = {}
+            parts = []
+            for head, i in layout:
+                body = messages[i]["content"] if transform is None else transform(messages[i]["content"])
+                bodies[i] = body
+                parts += [head, body]
+            parts.append(skeleton.tail)
+            if "".join(parts) == full:
+                break
+        else:
+            return None
+        if not all(bodies.values()):
+            return None  # an empty content (after strip) would merge its neighbours differently
+        trained = tuple(self.trained_messages(conv))
+        recipe = skeleton.recipes.get(trained)
+        if recipe is None:
+            recipe = self._recipe(conv, messages, skeleton, trained)
+            skeleton.recipes[trained] = recipe
+        if recipe is _NO_RECIPE:
+            return None
+        items, missing = recipe
+        pieces = [
+            Piece(bodies[item[0]], True, item[1]) if isinstance(item, tuple) else item for item in items
+        ]
+        return RenderedChat(full, pieces, missing)
+
+    def _recipe(self, conv: Conversation, messages, skeleton: _Skeleton, trained: tuple[int, ...]):
+        """Cut the skeleton itself, its placeholders standing for the contents."""
+        if any(i not in {j for _, j in skeleton.layout} and conv.messages[i].tool_calls for i in trained):
+            return _NO_RECIPE  # a trained message without content: its start needs the real prompt
+        text = skeleton.text
+        spans: list[Span | None] = [None] * len(messages)
+        length = 0
+        for head, i in skeleton.layout:
+            length += len(head)
+            spans[i] = (length, length + len(placeholder(i)))
+            length += len(placeholder(i))
+        if self.mask.train_on_everything:
+            regions, missing = [(0, len(text))], 0
+        else:
+            regions, missing = self._regions(conv.messages, messages, conv.tools, text, spans, trained)
+        items: list[Piece | tuple[int, bool]] = []
+        by_placeholder = {placeholder(i): i for _, i in skeleton.layout}
+        for piece in _cut(text, spans, regions):
+            if piece.content:
+                if piece.text not in by_placeholder:
+                    return _NO_RECIPE  # a cut inside a content: not expected, stay general
+                items.append((by_placeholder[piece.text], piece.trained))
+            else:
+                items.append(piece)  # shared by every row of this shape: pieces are read-only
+        return items, missing
 
     def _stop_end(self, full: str, content_end: int, starts: list[int]) -> int | None:
         """End of the stop token that closes the turn whose content ends at `content_end`."""
@@ -259,25 +341,76 @@ class ChatMasker:
 
 
 def _cut(text: str, content_spans: list[Span | None], trained: list[Span]) -> list[Piece]:
-    """Split text at every span boundary; merge neighbours with the same flags."""
-    spans = [s for s in content_spans if s is not None and s[0] < s[1]]
-    marks = {0, len(text)}
-    for a, b in spans + trained:
-        marks.update((min(a, len(text)), min(b, len(text))))
+    """Split text at every span boundary; merge neighbours with the same flags.
+
+    Content spans never overlap one another, nor do trained regions, so one sweep over the
+    sorted boundaries with a cursor into each list says which segment is content and trained.
+    """
+    n = len(text)
+    spans = sorted((min(a, n), min(b, n)) for a, b in (s for s in content_spans if s is not None) if a < b)
+    regions = sorted((min(a, n), min(b, n)) for a, b in trained)
+    marks = {0, n}
+    for a, b in spans:
+        marks.add(a)
+        marks.add(b)
+    for a, b in regions:
+        marks.add(a)
+        marks.add(b)
     cuts = sorted(marks)
     pieces: list[Piece] = []
+    si = ri = 0
     for a, b in zip(cuts, cuts[1:], strict=False):
         if a == b:
             continue
-        is_content = any(s <= a and b <= e for s, e in spans)
-        is_trained = any(s <= a and b <= e for s, e in trained)
-        if (
-            pieces
-            and pieces[-1].content == is_content
-            and pieces[-1].trained == is_trained
-            and not is_content
-        ):
+        while si < len(spans) and spans[si][1] <= a:
+            si += 1
+        while ri < len(regions) and regions[ri][1] <= a:
+            ri += 1
+        is_content = si < len(spans) and spans[si][0] <= a and b <= spans[si][1]
+        is_trained = ri < len(regions) and regions[ri][0] <= a and b <= regions[ri][1]
+        if pieces and not is_content and not pieces[-1].content and pieces[-1].trained == is_trained:
             pieces[-1].text += text[a:b]
         else:
             pieces.append(Piece(text[a:b], is_content, is_trained))
     return pieces
+
+
+_NO_RECIPE = object()  # a shape the recipe cannot express: the general path handles it
+
+
+class _Skeleton:
+    """A rendering with placeholders: its text, and (when every placeholder of the `filled`
+    messages appears exactly once) the template text before each placeholder in order of
+    appearance, and the tail."""
+
+    __slots__ = ("text", "layout", "tail", "recipes")
+
+    def __init__(self, text: str, filled: list[int]):
+        self.text = text
+        self.layout: list[tuple[str, int]] | None = None
+        self.tail = ""
+        self.recipes: dict[tuple[int, ...], Any] = {}  # trained messages -> cut (see _recipe)
+        found = []
+        for i in filled:
+            mark = placeholder(i)
+            at = text.find(mark)
+            if at < 0 or text.find(mark, at + 1) >= 0:
+                return  # dropped or repeated by the template
+            found.append((at, i))
+        found.sort()
+        layout, cursor = [], 0
+        for at, i in found:
+            layout.append((text[cursor:at], i))
+            cursor = at + len(placeholder(i))
+        self.layout, self.tail = layout, text[cursor:]
+
+
+def _shape_key(messages: list[dict[str, Any]], tools: Any) -> tuple:
+    """Everything a skeleton depends on: the placeholder messages and the tools (exact, cheap)."""
+    parts: list[Any] = []
+    for m in messages:
+        if len(m) == 2 and "role" in m and "content" in m:
+            parts.append((m["role"], m["content"]))
+        else:
+            parts.append(json.dumps(m, sort_keys=True, default=str))
+    return (tuple(parts), None if tools is None else json.dumps(tools, sort_keys=True, default=str))

@@ -115,6 +115,9 @@ class Batch:
     num_tokens: int  # real (non-pad) input tokens
     num_trained: int  # positions whose next label is trained (what the loss is averaged over)
     row_lengths: list[int]  # real tokens at the start of each row; the rest is padding
+    # Packed batches: the length of every document of every row, in order, the padding tail
+    # counted as one more document; they sum to the row width. None for padded batches.
+    doc_lengths: list[list[int]] | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
@@ -126,6 +129,7 @@ class Batch:
             self.num_tokens,
             self.num_trained,
             self.row_lengths,
+            self.doc_lengths,
         )
 
     def model_inputs(self) -> dict[str, torch.Tensor | None]:
@@ -147,9 +151,10 @@ def collate_packed(rows: Sequence[Sequence[tuple[Sequence[int], Sequence[int]]]]
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    row_lengths = []
+    row_lengths, doc_lengths = [], []
     for b, row in enumerate(rows):
         start = 0
+        docs = []
         for ids, labs in row:
             n = len(ids)
             input_ids[b, start : start + n] = torch.as_tensor(ids, dtype=torch.long)
@@ -157,15 +162,22 @@ def collate_packed(rows: Sequence[Sequence[tuple[Sequence[int], Sequence[int]]]]
             labels[b, start] = IGNORE_INDEX  # never predicted from the previous example
             position_ids[b, start : start + n] = torch.arange(n)
             start += n
+            docs.append(n)
         row_lengths.append(start)
         position_ids[b, start:] = torch.arange(width - start)
+        if width > start:
+            docs.append(width - start)
+        doc_lengths.append(docs)
     num_trained = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return Batch(input_ids, labels, position_ids, None, sum(row_lengths), num_trained, row_lengths)
+    return Batch(
+        input_ids, labels, position_ids, None, sum(row_lengths), num_trained, row_lengths, doc_lengths
+    )
 
 
 def collate_padded(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> Batch:
     """One example per row, right-padded to the longest, with a 2D attention mask (packing off)."""
     batch = collate_packed([[ex] for ex in examples], pad_id)
+    batch.doc_lengths = None  # the attention mask carries the structure
     width = batch.input_ids.shape[1]
     lengths = torch.tensor(batch.row_lengths)
     attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
@@ -191,4 +203,18 @@ def flatten_batch(batch: Batch) -> Batch:
         batch.num_tokens,
         batch.num_trained,
         [batch.num_tokens],
+        None if batch.doc_lengths is None else [_real_docs(batch.doc_lengths, batch.row_lengths)],
     )
+
+
+def _real_docs(doc_lengths: list[list[int]], row_lengths: list[int]) -> list[int]:
+    """Every row's documents without its padding tail, in order."""
+    out = []
+    for docs, real in zip(doc_lengths, row_lengths, strict=True):
+        total = 0
+        for n in docs:
+            if total >= real:
+                break
+            out.append(n)
+            total += n
+    return out

@@ -19,13 +19,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from tqdm.auto import tqdm
+
 from exemplar.config import Config, DatasetSpec
-from exemplar.data.encode import DROP_TEMPLATE, Encoder
-from exemplar.data.formats import convert_all
+from exemplar.data.encode import Encoder
+from exemplar.data.formats import check_columns, convert_rows, format_decisions
 from exemplar.data.masking import ChatMasker
-from exemplar.data.schema import example_from_dict, example_to_dict
+from exemplar.data.readers import iter_rows
 from exemplar.data.tokenizer import TokenizerBundle, load_tokenizer
-from exemplar.errors import DataError
+from exemplar.errors import DataError, RowError
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +167,7 @@ def encode_source(
         report.cached = True
         return load_from_disk(str(folder / "data")), report
 
-    examples, problems = convert_all(spec, resolve=config.resolve_path)
+    columns, where, problems = _encode_rows(spec, encoder, path, config, progress)
     if problems:
         shown = "\n".join(f"  {p}" for p in problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
@@ -172,65 +175,160 @@ def encode_source(
             f"{len(problems)} invalid rows in {path} (run `exemplar data validate` to list them all):\n{shown}{more}",
             problems,
         )
-    ds, report = _encode_examples(examples, encoder, path, config, progress)
+    ds, report = _dataset(columns, where, path, fingerprint=key)
     if use_cache:
         _write_cache(folder, ds, report)
     return ds, report
 
 
-def _encode_examples(examples: list, encoder: Encoder, path: str, config: Config, progress: bool):
-    from datasets import Dataset, Features, Sequence, Value, disable_progress_bars, enable_progress_bars
+def _encode_rows(spec: DatasetSpec, encoder: Encoder, path: str, config: Config, progress: bool):
+    """Read, convert and encode every row: (columns, (file, location) per example, problems).
 
-    rows = [json.dumps(example_to_dict(ex)) for _, ex in examples]
-    where = [f"{src.file}, {src.location}" for src, _ in examples]
-    source = Dataset.from_dict({"example": rows, "row": list(range(len(rows)))})
+    One process: rows stream from the file through conversion and rendering while the tokenizer
+    (on every core) works on the previous batch. num_proc > 1 (and enough rows): the rows are
+    read here, and each forked worker process converts and encodes a contiguous share, with its
+    tokenizer on one core.
+    """
     num_proc = config.data.num_proc or min(os.cpu_count() or 1, 8)
-    if len(rows) < _PARALLEL_MIN_ROWS:
-        num_proc = 1
-    features = Features(
+    desc = f"Tokenizing {Path(path).name}"
+    check_columns(spec.columns)
+    rows: Any = iter_rows(spec, resolve=config.resolve_path)
+    if num_proc > 1:
+        rows = list(rows)
+        if len(rows) >= _PARALLEL_MIN_ROWS:
+            return _encode_in_workers(encoder, rows, spec, num_proc, progress, desc)
+    with tqdm(desc=desc, unit=" examples", disable=not progress) as bar:
+        return _encode_converted(encoder, convert_rows(rows, spec, {}), bar.update)
+
+
+def _encode_converted(encoder: Encoder, converted, on_batch=None):
+    """Encode the examples of `convert_rows` output; (columns, where, problems)."""
+    where: list[tuple[str, str]] = []
+    problems: list[RowError] = []
+
+    def examples():
+        for item in converted:
+            if isinstance(item, RowError):
+                problems.append(item)
+                continue
+            src, example = item
+            where.append((src.file, src.location))
+            yield example
+
+    columns = encoder.encode_columns(examples(), on_batch=on_batch)
+    return columns, where, problems
+
+
+def _dataset(columns, where: list[tuple[str, str]], path: str, fingerprint: str):
+    """The kept examples as a `datasets.Dataset` (input_ids, labels, row), and the report.
+
+    The dataset's fingerprint is the cache key (it covers everything the rows depend on), which
+    spares `datasets` from hashing the whole table."""
+    import pyarrow as pa
+    from datasets import Dataset, DatasetInfo, Features, List, Value
+    from datasets.table import InMemoryTable
+
+    report = SourceReport(path=path, rows=len(columns.drop_reasons))
+    report.dropped = dict(Counter(r for r in columns.drop_reasons if r))
+    report.turns_without_stop = int(columns.turns_without_stop)
+    failed = sorted(columns.details)[:5]
+    report.template_errors = [f"{where[i][0]}, {where[i][1]}: {columns.details[i]}" for i in failed]
+    report.kept = len(columns.kept)
+    offsets = pa.array(columns.offsets.astype(np.int32) if columns.offsets[-1] < 2**31 else columns.offsets)
+    list_type = pa.list_ if offsets.type == pa.int32() else pa.large_list
+    table = pa.table(
         {
-            "input_ids": Sequence(Value("int32")),
-            "labels": Sequence(Value("int32")),
-            "row": Value("int64"),
-            "drop_reason": Value("string"),
-            "turns_without_stop": Value("int32"),
-            "detail": Value("string"),
+            "input_ids": _list_array(list_type, offsets, columns.input_ids),
+            "labels": _list_array(list_type, offsets, columns.labels),
+            "row": pa.array(columns.kept, type=pa.int64()),
         }
     )
-    (enable_progress_bars if progress else disable_progress_bars)()
-    encoded = source.map(
-        _encode_batch,
-        fn_kwargs={"encoder": encoder},
-        batched=True,
-        batch_size=512,
-        num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=["example"],
-        features=features,
-        desc=f"Tokenizing {Path(path).name}",
-        load_from_cache_file=False,
+    features = Features(
+        {"input_ids": List(Value("int32")), "labels": List(Value("int32")), "row": Value("int64")}
     )
-    reasons = encoded["drop_reason"]
-    report = SourceReport(path=path, rows=len(rows))
-    report.dropped = dict(Counter(r for r in reasons if r))
-    report.turns_without_stop = int(sum(encoded["turns_without_stop"]))
-    failed = [i for i, r in enumerate(reasons) if r == DROP_TEMPLATE][:5]
-    report.template_errors = [f"{where[i]}: {encoded[i]['detail']}" for i in failed]
-    kept = encoded.filter(lambda r: r is None, input_columns="drop_reason")
-    kept = kept.remove_columns(["drop_reason", "turns_without_stop", "detail"])
-    report.kept = len(kept)
-    return kept, report
+    info = DatasetInfo(features=features) if list_type is pa.list_ else None
+    return Dataset(InMemoryTable(table), info=info, fingerprint=fingerprint), report
 
 
-def _encode_batch(batch: dict[str, list], encoder: Encoder) -> dict[str, list]:
-    results = encoder.encode([example_from_dict(json.loads(s)) for s in batch["example"]])
-    return {
-        "input_ids": [r.input_ids for r in results],
-        "labels": [r.labels for r in results],
-        "row": batch["row"],
-        "drop_reason": [r.drop_reason for r in results],
-        "turns_without_stop": [r.turns_without_stop for r in results],
-        "detail": [r.detail for r in results],
-    }
+def _list_array(list_type, offsets, values):
+    import pyarrow as pa
+
+    array_type = pa.ListArray if list_type is pa.list_ else pa.LargeListArray
+    return array_type.from_arrays(offsets, pa.array(values, type=pa.int32()))
+
+
+# What forked workers share with the parent without pickling it (set only around the fork).
+_SHARED: tuple[Encoder, list, DatasetSpec] | None = None
+
+
+def _encode_in_workers(
+    encoder: Encoder, rows: list, spec: DatasetSpec, num_proc: int, progress: bool, desc: str
+):
+    """Contiguous shares of the read rows converted and encoded in `num_proc` worker processes;
+    results joined in input order, exactly as one pass would give them."""
+    import multiprocessing as mp
+
+    from exemplar.data.encode import EncodedColumns
+
+    global _SHARED
+    num_proc = min(num_proc, len(rows))
+    bounds = [len(rows) * k // num_proc for k in range(num_proc + 1)]
+    decided = format_decisions(rows, spec)
+    shards = []
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        # The `format: auto` decisions a single pass would have made before row a.
+        known = {f: (fmt, where) for f, (i, fmt, where) in decided.items() if i < a}
+        shards.append((a, b, known))
+    fork = "fork" in mp.get_all_start_methods()
+    # Each worker gets one core's share: its tokenizer runs single-threaded (set before the fork,
+    # so the tokenizers library also stays quiet about forking after using its thread pool).
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        if fork:
+            _SHARED = (encoder, rows, spec)
+            pool = mp.get_context("fork").Pool(num_proc)
+            jobs = [(None, a, b, known) for a, b, known in shards]
+        else:
+            pool = mp.get_context("spawn").Pool(num_proc)
+            shipped = [_shippable(row) for row in rows]  # RowError does not pickle
+            jobs = [((encoder, shipped[a:b], spec), 0, b - a, known) for a, b, known in shards]
+    finally:
+        _SHARED = None
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+    parts, where, problems = [], [], []
+    with pool, tqdm(total=len(rows), desc=desc, unit=" rows", disable=not progress) as bar:
+        for (columns, part_where, part_problems), (a, b, _) in zip(
+            pool.imap(_encode_shard, jobs), shards, strict=True
+        ):
+            parts.append(columns)
+            where += part_where
+            problems += [RowError(*fields) for fields in part_problems]
+            bar.update(b - a)
+    starts = np.cumsum([0] + [len(p.drop_reasons) for p in parts[:-1]]).tolist()
+    return EncodedColumns.concat(parts, starts), where, problems
+
+
+def _encode_shard(job):
+    work, start, end, known = job
+    encoder, rows, spec = work if work is not None else _shared_in_child()
+    rows = [RowError(*row) if isinstance(row, tuple) else row for row in rows[start:end]]
+    columns, where, problems = _encode_converted(encoder, convert_rows(rows, spec, dict(known)))
+    # RowError does not pickle (its constructor takes the parts): send the parts.
+    return columns, where, [(p.file, p.location, p.field, p.message) for p in problems]
+
+
+def _shippable(row):
+    return (row.file, row.location, row.field, row.message) if isinstance(row, RowError) else row
+
+
+def _shared_in_child():
+    if _SHARED is None:
+        raise RuntimeError("worker started without the shared rows")
+    return _SHARED
 
 
 # ---------------------------------------------------------------------------------------------

@@ -149,11 +149,27 @@ def render(
     add_generation_prompt: bool = False,
     special: dict[str, str] | None = None,
 ) -> str:
-    """Render one conversation. `special` supplies bos_token/eos_token/... variables."""
-    template = compile_template(source)
+    """Render one conversation. `special` supplies bos_token/eos_token/... variables.
+
+    Equivalent to `template.render(...)`, whose context merges the environment's globals into a
+    new dict on every call; the masker renders every conversation, so the merge is done once."""
+    template, base = _compiled_with_globals(source)
+    variables = {
+        **base,
+        **(special or {}),
+        "messages": messages,
+        "tools": tools,
+        "add_generation_prompt": add_generation_prompt,
+    }
     try:
-        return template.render(
-            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **(special or {})
+        return template.environment.concat(  # type: ignore[attr-defined]
+            template.root_render_func(template.new_context(variables, shared=True))
         )
     except jinja2.TemplateError as e:
         raise TemplateError(f"the chat template rejected this conversation: {e}") from None
+
+
+@lru_cache(maxsize=32)
+def _compiled_with_globals(source: str) -> tuple[jinja2.Template, dict[str, Any]]:
+    template = compile_template(source)
+    return template, dict(template.globals)
