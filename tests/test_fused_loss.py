@@ -217,3 +217,53 @@ def test_trained_positions_are_unchanged_by_the_attention_choice():
         )
     assert alone.numel() == sum(sum(x != IGNORE_INDEX for x in labels[1:]) for _, labels in EXAMPLES)
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU bf16: a few matmul shapes only (oneDNN keeps a kernel and a packed weight per shape)
+
+
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 1000, 1024, 1025, 3300, 5000])
+@pytest.mark.parametrize("chunk", [1024, 4096])
+def test_chunk_sizes_come_from_a_small_set(n, chunk):
+    from exemplar.train.loss import _chunk_sizes
+
+    assert sum(_chunk_sizes(n, chunk)) == n  # no rounding without a multiple
+    sizes = _chunk_sizes(n, chunk, 64)
+    assert n <= sum(sizes) < n + 64
+    allowed = {chunk} | {64 << k for k in range(12) if 64 << k < chunk}
+    assert set(sizes) <= allowed
+
+
+def test_bf16_chunks_padded_with_zero_rows_give_the_plain_result():
+    hidden, weight, _, targets = _leaves(n=150, d=32, vocab=100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = fused_linear_cross_entropy(hidden, weight, None, targets, chunk_size=64)  # 64+64+22(+42)
+    loss.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    reference = F.cross_entropy(
+        F.linear(hidden.bfloat16(), weight.bfloat16()).float(), targets, reduction="sum"
+    )
+    reference.backward()
+    torch.testing.assert_close(loss.detach(), reference.detach(), rtol=1e-3, atol=1e-2)
+    for got, want in zip(grads, (hidden.grad, weight.grad), strict=True):
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
+def test_bf16_rows_are_widened_to_a_multiple_of_64():
+    model = tiny_model("llama")
+    loss_fn = LMLoss(model)
+    batch = collate_packed(ROWS, pad_id=0)  # rows of 14 or fewer tokens
+    widths = []
+    model.get_decoder().register_forward_pre_hook(
+        lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    with torch.no_grad():
+        plain = loss_fn.hidden_states(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            widened = loss_fn.hidden_states(batch)
+    assert widths == [batch.input_ids.shape[1], 64]
+    assert widened.shape == plain.shape
+    real = torch.arange(batch.input_ids.shape[1])[None] < torch.tensor(batch.row_lengths)[:, None]
+    torch.testing.assert_close(widened[real].float(), plain[real], rtol=0.05, atol=0.05)

@@ -96,44 +96,44 @@ class PieceTokenizer:
 
     def __init__(self, backend: Tokenizer):
         self._source = backend.to_str()
+        self._components = _components(backend)
         self._memo: dict[tuple[bool, str], list[int]] = {}
-
-    @cached_property
-    def _tree(self) -> dict[str, Any]:
-        return json.loads(self._source)
-
-    @cached_property
-    def _cont_tree(self) -> dict[str, Any]:
-        return _without_prefix_space(self._tree)
 
     @cached_property
     def _same_views(self) -> bool:
         """No prefix-space step to switch off: continuation views are the first-piece views."""
-        return self._cont_tree == self._tree
+        return _without_prefix_space(self._components) == self._components
 
-    def _view(self, tree: dict[str, Any], plain_text: bool) -> tuple[Tokenizer, _TextNormalizer | None]:
+    @cached_property
+    def _cont_tree(self) -> dict[str, Any]:
+        return _without_prefix_space(json.loads(self._source))  # only when the views differ
+
+    def _view(self, first: bool, plain_text: bool) -> tuple[Tokenizer, _TextNormalizer | None]:
+        if first or self._same_views:
+            view, tree = Tokenizer.from_str(self._source), self._components
+        else:
+            view, tree = Tokenizer.from_str(json.dumps(self._cont_tree)), self._cont_tree
         normalize = _TextNormalizer.of(tree) if plain_text else None
         if normalize is not None:
-            tree = {**tree, "normalizer": None}
-        view = Tokenizer.from_str(json.dumps(tree))
+            view.normalizer = None
         view.encode_special_tokens = plain_text
         return view, normalize
 
     @cached_property
     def first(self) -> Tokenizer:
-        return Tokenizer.from_str(self._source)
+        return self._view(True, False)[0]
 
     @cached_property
     def cont(self) -> Tokenizer:
-        return self.first if self._same_views else self._view(self._cont_tree, False)[0]
+        return self.first if self._same_views else self._view(False, False)[0]
 
     @cached_property
     def _first_text(self) -> tuple[Tokenizer, _TextNormalizer | None]:
-        return self._view(self._tree, True)
+        return self._view(True, True)
 
     @cached_property
     def _cont_text(self) -> tuple[Tokenizer, _TextNormalizer | None]:
-        return self._first_text if self._same_views else self._view(self._cont_tree, True)
+        return self._first_text if self._same_views else self._view(False, True)
 
     def encode_text(self, texts: list[str], first: bool) -> list[list[int]]:
         """Ids of message contents (special-token parsing off), first pieces of a row or not."""
@@ -168,7 +168,8 @@ class PieceTokenizer:
     def plan(self, rows: list[list[Piece]]) -> tuple[list[list[Any]], list[str], list[str]]:
         """Template pieces resolved now (memo); content pieces queued for one batched call per view.
 
-        Returns, per row, a list whose items are id lists (template) or ("first"|"cont", index) slots.
+        Returns, per row, a list whose items are id lists (template pieces) or (first, index) slots
+        into the queued texts (content pieces), and the two queues.
         """
         first: list[str] = []
         cont: list[str] = []
@@ -242,6 +243,24 @@ class _TextNormalizer:
 
 # Parts of tokenizer.json that hold no normalizer / pre-tokenizer steps (and are large): not walked.
 _OPAQUE_KEYS = frozenset({"model", "added_tokens", "vocab", "merges"})
+
+
+def _components(backend: Tokenizer) -> dict[str, Any]:
+    """The parts of tokenizer.json that the views change or inspect, without parsing the whole
+    file (vocabulary and merges): normalizer, pre-tokenizer, post-processor, decoder, added tokens."""
+
+    def state(component: Any) -> Any:
+        return None if component is None else json.loads(component.__getstate__())
+
+    return {
+        "normalizer": state(backend.normalizer),
+        "pre_tokenizer": state(backend.pre_tokenizer),
+        "post_processor": state(backend.post_processor),
+        "decoder": state(backend.decoder),
+        "added_tokens": [
+            {"content": t.content, "special": t.special} for t in backend.get_added_tokens_decoder().values()
+        ],
+    }
 
 
 def _without_prefix_space(node: Any) -> Any:
@@ -437,27 +456,31 @@ class Encoder:
         piece_lengths = np.fromiter(map(len, flat), dtype=np.int64, count=len(flat))
         total = int(piece_lengths.sum())
         ids = np.fromiter(itertools.chain.from_iterable(flat), dtype=np.int32, count=total)
-        is_trained = np.repeat(np.asarray(trained, dtype=bool), piece_lengths)
-        labels = np.where(is_trained, ids, np.int32(IGNORE_INDEX)).astype(np.int32, copy=False)
-        piece_starts = np.cumsum(piece_lengths) - piece_lengths
-        for p, piece_labels in explicit.items():  # pre-tokenized examples bring their own labels
-            start = int(piece_starts[p])
-            labels[start : start + len(piece_labels)] = piece_labels
-        # Per example: pieces -> tokens (prefix sums: empty examples need no special case).
-        counts_arr = np.asarray(counts, dtype=np.int64)
-        piece_bounds = np.concatenate([np.zeros(1, np.int64), np.cumsum(counts_arr)])
-        token_bounds = np.concatenate([np.zeros(1, np.int64), np.cumsum(piece_lengths)])
-        token_bounds = token_bounds[piece_bounds]  # token offset where each example starts / ends
+        flags = np.asarray(trained, dtype=bool)
+        labels = np.where(np.repeat(flags, piece_lengths), ids, np.int32(IGNORE_INDEX)).astype(
+            np.int32, copy=False
+        )
+        piece_trained = np.where(flags, piece_lengths, 0)  # trained tokens per piece
+        if explicit:  # pre-tokenized examples bring their own labels
+            piece_starts = np.cumsum(piece_lengths) - piece_lengths
+            for p, piece_labels in explicit.items():
+                start = int(piece_starts[p])
+                labels[start : start + len(piece_labels)] = piece_labels
+                piece_trained[p] = int(
+                    np.count_nonzero(labels[start : start + len(piece_labels)] != IGNORE_INDEX)
+                )
+        # Per example (prefix sums over pieces: empty examples need no special case).
+        piece_bounds = np.concatenate([np.zeros(1, np.int64), np.cumsum(np.asarray(counts, dtype=np.int64))])
+        token_bounds = np.concatenate([np.zeros(1, np.int64), np.cumsum(piece_lengths)])[piece_bounds]
+        trained_bounds = np.concatenate([np.zeros(1, np.int64), np.cumsum(piece_trained)])[piece_bounds]
         starts, lengths = token_bounds[:-1], np.diff(token_bounds)
-        has_label = labels != IGNORE_INDEX
-        label_sums = np.concatenate([np.zeros(1, np.int64), np.cumsum(has_label, dtype=np.int64)])
-        trained_after_first = label_sums[starts + lengths] - label_sums[starts]
-        # A trained label at position 0 has no preceding token to predict it from.
-        if total:
-            trained_after_first -= (lengths > 0) & has_label[np.minimum(starts, total - 1)]
+        trained_after_first = np.diff(trained_bounds)
+        if total:  # a trained label at position 0 has no preceding token to predict it from
+            trained_after_first -= (lengths > 0) & (labels[np.minimum(starts, total - 1)] != IGNORE_INDEX)
         # The length policy.
         limit = lengths.copy()
         reasons: list[str | None] = []
+        truncated = False
         for k, slot in enumerate(slots):
             if isinstance(slot, Encoded) and slot.drop_reason is not None:
                 reasons.append(slot.drop_reason)
@@ -468,24 +491,24 @@ class Encoder:
                     reasons.append(DROP_TOO_LONG)
                 else:
                     start = int(starts[k])
-                    if has_label[start + 1 : start + self.max_length].any():
+                    if (labels[start + 1 : start + self.max_length] != IGNORE_INDEX).any():
                         limit[k] = self.max_length
+                        truncated = True
                         reasons.append(None)
                     else:
                         reasons.append(DROP_NO_TRAINED_AFTER_TRUNCATION)
             else:
                 reasons.append(None)
         keep = np.fromiter((r is None for r in reasons), dtype=bool, count=len(reasons))
-        limit = np.where(keep, limit, 0)
-        position = np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
-        keep_token = position < np.repeat(limit, lengths)
-        return (
-            ids[keep_token],
-            labels[keep_token],
-            limit[keep],
-            np.flatnonzero(keep).astype(np.int64),
-            reasons,
-        )
+        kept = np.flatnonzero(keep).astype(np.int64)
+        if truncated:
+            position = np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
+            keep_token = position < np.repeat(np.where(keep, limit, 0), lengths)
+        elif keep.all():
+            return ids, labels, lengths, kept, reasons
+        else:
+            keep_token = np.repeat(keep, lengths)
+        return ids[keep_token], labels[keep_token], limit[keep], kept, reasons
 
     def encode_prompt(self, messages: list[dict[str, Any]], tools: Any = None) -> list[int]:
         """Token ids of a prompt for generation: the conversation so far and the assistant's

@@ -152,7 +152,7 @@ def detect_format(
     missing field instead of a vague "unknown shape". A `messages` list whose turns use
     ShareGPT's from/value keys is "sharegpt". `source` only adds file and location to errors.
     """
-    names = _Names(columns)
+    names = _Names(columns) if columns else _NO_COLUMNS
     has = lambda canonical: names.present(row, canonical)  # noqa: E731
     if has("messages"):
         return "sharegpt" if _turns_look_sharegpt(row[names("messages")], names) else "messages"
