@@ -37,7 +37,7 @@ def _examples():
     ]
 
 
-@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace", "sentencepiece"])
 @pytest.mark.parametrize("truncation", ["drop", "truncate"])
 @pytest.mark.parametrize("batch", [2, 2048])
 def test_columns_equal_per_example_encoding(kind, truncation, batch, monkeypatch):
@@ -162,7 +162,7 @@ CORPUS = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["llama2", "metaspace", "bytelevel"])
+@pytest.mark.parametrize("kind", ["llama2", "sentencepiece", "metaspace", "bytelevel"])
 def test_plain_text_views_match_the_tokenizer(kind):
     """The content views (normalizer applied in Python where it is plain string replacement)
     give exactly the ids of the tokenizer's own view with special-token parsing off."""
@@ -170,7 +170,7 @@ def test_plain_text_views_match_the_tokenizer(kind):
 
     from tokenizers import Tokenizer
 
-    from exemplar.data.encode import PieceTokenizer, _without_prefix_space
+    from exemplar.data.pieces import PieceTokenizer, _without_prefix_space
     from tests.tokenizers_util import llama2_tokenizer
 
     tok = llama2_tokenizer() if kind == "llama2" else trained_tokenizer(kind)
@@ -184,8 +184,12 @@ def test_plain_text_views_match_the_tokenizer(kind):
         reference.encode_special_tokens = True
         expected = [e.ids for e in reference.encode_batch(CORPUS, add_special_tokens=False)]
         assert pieces.encode_text(CORPUS, first) == expected
-    if kind in ("llama2", "metaspace"):  # string Replace (and Prepend): moved to Python
+    if kind in ("llama2", "sentencepiece", "metaspace"):  # string Replace (and Prepend): moved to Python
         assert pieces._cont_text[1] is not None
+    # No pre-tokenizer and no token across a word start: tokenized word by word from a cache.
+    assert (pieces._cont_text[2] is not None) == (kind in ("llama2", "sentencepiece"))
+    if pieces._cont_text[2] is not None:  # again, every word now from the cache
+        assert pieces.encode_text(CORPUS, False) == expected
 
 
 @given(st.text(max_size=60))
@@ -194,7 +198,7 @@ def test_plain_text_views_match_on_any_text(text):
 
     from tokenizers import Tokenizer
 
-    from exemplar.data.encode import _without_prefix_space
+    from exemplar.data.pieces import _without_prefix_space
 
     bundle = prepare_tokenizer(trained_tokenizer("metaspace"), "chatml")
     source = bundle.tokenizer.backend_tokenizer.to_str()
@@ -205,13 +209,78 @@ def test_plain_text_views_match_on_any_text(text):
         assert pieces.encode_text([text], first) == [reference.encode(text, add_special_tokens=False).ids]
 
 
+# Text where word boundaries are tricky: runs of spaces and of "▁", newlines, tabs, and words
+# repeated (cache hits) next to new ones.
+_WORDY = st.lists(
+    st.one_of(
+        st.sampled_from([" ", "  ", "   ", "▁", "▁▁", "\n", "\n\n", "\t", " \n ", "the", "there", "code"]),
+        st.text(max_size=6),
+    ),
+    max_size=12,
+).map("".join)
+
+
+@pytest.mark.parametrize("kind", ["llama2", "sentencepiece"])
+@given(texts=st.lists(_WORDY, min_size=1, max_size=4))
+def test_word_by_word_bpe_gives_the_whole_text_ids(kind, texts):
+    import json
+
+    from tokenizers import Tokenizer
+
+    from exemplar.data.pieces import _without_prefix_space
+    from tests.tokenizers_util import llama2_tokenizer
+
+    tok = llama2_tokenizer() if kind == "llama2" else trained_tokenizer(kind)
+    if tok is None:
+        pytest.skip("the Llama 2 tokenizer is not in the shared data folder")
+    bundle = prepare_tokenizer(tok, "chatml")
+    source = bundle.tokenizer.backend_tokenizer.to_str()
+    pieces = _metaspace_pieces(source)
+    for first, tree in ((True, json.loads(source)), (False, _without_prefix_space(json.loads(source)))):
+        assert (pieces._first_text if first else pieces._cont_text)[2] is not None
+        reference = Tokenizer.from_str(json.dumps(tree))
+        reference.encode_special_tokens = True
+        expected = [e.ids for e in reference.encode_batch(texts, add_special_tokens=False)]
+        assert pieces.encode_text(texts, first) == expected
+
+
+def test_no_word_cache_when_a_token_crosses_a_word_start():
+    """A vocabulary with "a▁" (a merge across the delimiter): cutting "a▁b" before "▁" would give
+    a, ▁b instead of a▁, b, so such a tokenizer is tokenized whole."""
+    from tokenizers import Tokenizer, models, normalizers
+
+    from exemplar.data.pieces import BpeWords, PieceTokenizer
+
+    vocab = {"<unk>": 0, "a": 1, "b": 2, "▁": 3, "a▁": 4, "▁b": 5}
+    backend = Tokenizer(models.BPE(vocab, [("a", "▁"), ("▁", "b")], unk_token="<unk>"))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    pieces = PieceTokenizer(backend)
+    assert pieces._cont_text[2] is None
+    assert pieces.encode_text(["a b"], False) == [[4, 2]]
+    # What the cut would have given:
+    backend.normalizer = None
+    assert BpeWords(backend, "▁").encode(["a▁b"]) == [[1, 5]]
+
+
+def test_word_cache_starts_over_when_full(monkeypatch):
+    from exemplar.data.pieces import BpeWords, PieceTokenizer
+
+    monkeypatch.setattr(BpeWords, "LIMIT", 5)
+    tok = prepare_tokenizer(trained_tokenizer("sentencepiece"), "chatml").tokenizer
+    pieces = PieceTokenizer(tok.backend_tokenizer)
+    texts = ["one two three four", "five six seven eight nine ten", "one two"]
+    expected = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert [pieces.encode_text([t], True)[0] for t in texts] == expected
+    assert len(pieces._first_text[2]._ids) <= 6  # one batch may bring more than the limit
+
+
 _PIECES: dict = {}
 
 
 def _metaspace_pieces(source):
     from tokenizers import Tokenizer
 
-    from exemplar.data.encode import PieceTokenizer
+    from exemplar.data.pieces import PieceTokenizer
 
     if source not in _PIECES:
         _PIECES[source] = PieceTokenizer(Tokenizer.from_str(source))

@@ -53,16 +53,21 @@ def _trained(kind: str) -> str:
     else:  # SentencePiece family (Llama 2 / Mistral / Gemma) with the prefix space on every call
         backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
         backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False)
+        # "sentencepiece": trained on words, used on whole texts with no pre-tokenizer, as the
+        # tokenizer.json files converted from SentencePiece models (Llama 2, Mistral) are.
+        split = kind == "sentencepiece"
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=split)
         backend.decoder = decoders.Sequence(
             [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
         )
         byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
         trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials + byte_tokens)
     backend.train_from_iterator(CORPUS, trainer)
+    if kind == "sentencepiece":
+        backend.pre_tokenizer = None
     return backend.to_str()
 
 
 def trained_tokenizer(kind: str) -> PreTrainedTokenizerFast:
-    """'bytelevel' or 'metaspace': a small tokenizer trained on the corpus above."""
+    """'bytelevel', 'metaspace' or 'sentencepiece': a small tokenizer trained on the corpus above."""
     return _wrap(Tokenizer.from_str(_trained(kind)))

@@ -8,6 +8,7 @@ cache. Nothing is dropped silently: every dropped row is counted by reason in th
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -15,6 +16,8 @@ import os
 import shutil
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,7 +170,8 @@ def encode_source(
         report.cached = True
         return load_from_disk(str(folder / "data")), report
 
-    columns, where, problems = _encode_rows(spec, encoder, path, config, progress)
+    with cyclic_gc_paused():
+        columns, where, problems = _encode_rows(spec, encoder, path, config, progress)
     if problems:
         shown = "\n".join(f"  {p}" for p in problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
@@ -179,6 +183,21 @@ def encode_source(
     if use_cache:
         _write_cache(folder, ds, report)
     return ds, report
+
+
+@contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Encoding allocates millions of small objects that never form cycles (strings, id lists)
+    and keeps many of them alive until the batch ends; Python's cyclic collector would walk that
+    growing heap again and again for nothing (a third of the preparation time, measured).
+    Reference counting still frees everything; the collector is restored afterwards."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _encode_rows(spec: DatasetSpec, encoder: Encoder, path: str, config: Config, progress: bool):
