@@ -105,8 +105,11 @@ def print_train(title: str, rows: list[dict], steps: int) -> str:
     return text
 
 
-def print_prep(results: list[dict], rows: int) -> str:
-    lines = [f"### Data preparation: {rows:,} rows (alpaca_en_demo.json repeated), max length 512", ""]
+def print_prep(results: list[dict], rows: int, distinct_rows: int) -> str:
+    source = (
+        "alpaca_en_demo.json repeated" if rows > distinct_rows else "alpaca_en_demo.json, no row repeated"
+    )
+    lines = [f"### Data preparation: {rows:,} rows ({source}), max length 512", ""]
     lines.append(
         "| tool | processes | seconds | rows/s | examples kept | packed rows | bin fill | peak RSS (GB) |"
     )
@@ -229,7 +232,7 @@ def main() -> None:
                     results["prep"].append(
                         child(f"{tool}_side.py", "prep", str(workdir), "--num-proc", str(n))
                     )
-            texts.append(print_prep(results["prep"], setup["prep_rows"]))
+            texts.append(print_prep(results["prep"], setup["prep_rows"], setup["train_rows"]))
         info["load_after"] = common.loadavg()
         if args.markdown:
             args.markdown.write_text(header + "\n" + "\n\n".join(texts) + "\n")
