@@ -281,7 +281,7 @@ def run_training(
     loss_fn = LMLoss(model, train.loss_chunk_size)
     loss_fn.check_head()
     if train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
     autocast = autocast_factory(train.precision, device)
     forward, evaluator, sync = loss_fn, loss_fn, None
     if strategy != "none":
@@ -379,7 +379,7 @@ def run_training(
         logger.close()
         model.eval()  # hand the model back ready for generation or export
         if train.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            _disable_checkpointing(model)
 
     summary = _summary(state, plan, total_steps, config, resumed_from, ckpt_root)
     if world.distributed:
@@ -622,6 +622,23 @@ def _summary(
         if config.train.keep_best and state.best_step is not None:
             summary["best_checkpoint"] = str(ckpt_root / f"step-{state.best_step:06d}")
     return summary
+
+
+# transformers 5.x renamed gradient checkpointing to activation checkpointing (the old methods
+# warn and go in v6); our requirement range still includes versions with only the old names.
+def _enable_checkpointing(model: torch.nn.Module) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _disable_checkpointing(model: torch.nn.Module) -> None:
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def _emit(callbacks: list[Callback], event: str, payload: dict[str, Any]) -> None:
