@@ -95,10 +95,13 @@ def train(workdir: Path, steps: int, precision: str) -> dict:
     }
 
 
-def prep(workdir: Path, num_proc: int) -> dict:
+def prep(workdir: Path, num_proc: int, whole_text: bool = False) -> dict:
     import datasets  # noqa: F401 - imported before the clock starts, as TRL's side imports it with trl
 
+    from exemplar.data.pieces import BpeWords
     from exemplar.data.pipeline import prepare_data
+
+    BpeWords.enabled = not whole_text
     from exemplar.data.tokenizer import load_tokenizer
     from exemplar.train.batching import TrainPlan, example_lengths
 
@@ -117,7 +120,7 @@ def prep(workdir: Path, num_proc: int) -> dict:
     seconds = time.perf_counter() - start
     report = data.reports[0]
     return {
-        "tool": "exemplar",
+        "tool": "exemplar (whole-text tokenization)" if whole_text else "exemplar",
         "num_proc": num_proc,
         "rows": report.rows,
         "kept": report.kept,
@@ -136,11 +139,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--num-proc", type=int, default=1)
+    parser.add_argument("--whole-text", action="store_true", help="prep without the BPE word cache")
     args = parser.parse_args()
     if args.what == "train":
         common.emit(train(args.workdir, args.steps, args.precision))
     else:
-        common.emit(prep(args.workdir, args.num_proc))
+        common.emit(prep(args.workdir, args.num_proc, args.whole_text))
 
 
 if __name__ == "__main__":

@@ -124,10 +124,10 @@ def print_prep(results: list[dict], rows: int, distinct_rows: int) -> str:
     for r in results:
         if r["tool"] not in best or r["seconds"] < best[r["tool"]]["seconds"]:
             best[r["tool"]] = r
-    if len(best) == 2:
+    if "exemplar" in best and "trl" in best:
         for n in sorted({r["num_proc"] for r in results}):
             pair = {r["tool"]: r for r in results if r["num_proc"] == n}
-            if len(pair) == 2:
+            if "exemplar" in pair and "trl" in pair:
                 lines.append(
                     f"| **TRL / Exemplar, {n} process{'es' if n > 1 else ''}** | | "
                     f"**{_ratio(pair['trl']['seconds'], pair['exemplar']['seconds'])}** | | | | | | |"
@@ -157,6 +157,11 @@ def main() -> None:
     parser.add_argument("--skip-trl", action="store_true", help="run Exemplar only")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-prep", action="store_true")
+    parser.add_argument(
+        "--whole-text",
+        action="store_true",
+        help="data prep: also run Exemplar with the BPE word cache off (whole messages to the tokenizer)",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     parser.add_argument("--json", type=Path, default=None, help="write every measurement here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the report (tables) here")
@@ -231,6 +236,10 @@ def main() -> None:
                 for tool in tools:
                     results["prep"].append(
                         child(f"{tool}_side.py", "prep", str(workdir), "--num-proc", str(n))
+                    )
+                if args.whole_text:
+                    results["prep"].append(
+                        child("exemplar_side.py", "prep", str(workdir), "--num-proc", str(n), "--whole-text")
                     )
             texts.append(print_prep(results["prep"], setup["prep_rows"], setup["train_rows"]))
         info["load_after"] = common.loadavg()

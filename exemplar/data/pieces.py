@@ -175,6 +175,7 @@ class BpeWords:
     """
 
     LIMIT = 1 << 18  # words kept; the cache starts over when full
+    enabled = True  # False: always tokenize whole messages (the benchmark's comparison)
 
     def __init__(self, view: Tokenizer, delimiter: str):
         self._view = view
@@ -185,7 +186,12 @@ class BpeWords:
     @classmethod
     def of(cls, view: Tokenizer, normalize: _TextNormalizer | None) -> BpeWords | None:
         model = view.model
-        if not isinstance(model, models.BPE) or view.normalizer is not None or view.pre_tokenizer is not None:
+        if (
+            not cls.enabled
+            or not isinstance(model, models.BPE)
+            or view.normalizer is not None
+            or view.pre_tokenizer is not None
+        ):
             return None
         if model.dropout or getattr(model, "ignore_merges", False):
             return None
