@@ -162,7 +162,7 @@ CORPUS = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["llama2", "sentencepiece", "metaspace", "bytelevel"])
+@pytest.mark.parametrize("kind", ["llama2", "sentencepiece", "metaspace_first", "metaspace", "bytelevel"])
 def test_plain_text_views_match_the_tokenizer(kind):
     """The content views (normalizer applied in Python where it is plain string replacement)
     give exactly the ids of the tokenizer's own view with special-token parsing off."""
@@ -184,23 +184,24 @@ def test_plain_text_views_match_the_tokenizer(kind):
         reference.encode_special_tokens = True
         expected = [e.ids for e in reference.encode_batch(CORPUS, add_special_tokens=False)]
         assert pieces.encode_text(CORPUS, first) == expected
-    if kind in ("llama2", "sentencepiece", "metaspace"):  # string Replace (and Prepend): moved to Python
+    if kind != "bytelevel":  # string Replace (and Prepend), or a Metaspace that does not split: in Python
         assert pieces._cont_text[1] is not None
-    # No pre-tokenizer and no token across a word start: tokenized word by word from a cache.
-    assert (pieces._cont_text[2] is not None) == (kind in ("llama2", "sentencepiece"))
+    # No pre-tokenizer left and no token across a word start: tokenized word by word from a cache.
+    assert (pieces._cont_text[2] is not None) == (kind in ("llama2", "sentencepiece", "metaspace_first"))
     if pieces._cont_text[2] is not None:  # again, every word now from the cache
         assert pieces.encode_text(CORPUS, False) == expected
 
 
-@given(st.text(max_size=60))
-def test_plain_text_views_match_on_any_text(text):
+@pytest.mark.parametrize("kind", ["metaspace", "metaspace_first"])
+@given(text=st.text(max_size=60))
+def test_plain_text_views_match_on_any_text(kind, text):
     import json
 
     from tokenizers import Tokenizer
 
     from exemplar.data.pieces import _without_prefix_space
 
-    bundle = prepare_tokenizer(trained_tokenizer("metaspace"), "chatml")
+    bundle = prepare_tokenizer(trained_tokenizer(kind), "chatml")
     source = bundle.tokenizer.backend_tokenizer.to_str()
     pieces = _metaspace_pieces(source)
     for first, tree in ((True, json.loads(source)), (False, _without_prefix_space(json.loads(source)))):
@@ -220,7 +221,7 @@ _WORDY = st.lists(
 ).map("".join)
 
 
-@pytest.mark.parametrize("kind", ["llama2", "sentencepiece"])
+@pytest.mark.parametrize("kind", ["llama2", "sentencepiece", "metaspace_first"])
 @given(texts=st.lists(_WORDY, min_size=1, max_size=4))
 def test_word_by_word_bpe_gives_the_whole_text_ids(kind, texts):
     import json

@@ -50,6 +50,15 @@ def _trained(kind: str) -> str:
         trainer = trainers.BpeTrainer(
             vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
         )
+    elif kind == "metaspace_first":  # newer SentencePiece conversions (Mistral v0.3): no normalizer,
+        # a Metaspace pre-tokenizer that prepends "▁" to the input's first section and does not split
+        backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+        backend.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+        byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+        trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials + byte_tokens)
     else:  # SentencePiece family (Llama 2 / Mistral / Gemma) with the prefix space on every call
         backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
         backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
@@ -65,9 +74,12 @@ def _trained(kind: str) -> str:
     backend.train_from_iterator(CORPUS, trainer)
     if kind == "sentencepiece":
         backend.pre_tokenizer = None
+    if kind == "metaspace_first":  # trained on words, used on whole texts
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     return backend.to_str()
 
 
 def trained_tokenizer(kind: str) -> PreTrainedTokenizerFast:
-    """'bytelevel', 'metaspace' or 'sentencepiece': a small tokenizer trained on the corpus above."""
+    """'bytelevel', 'metaspace', 'sentencepiece' or 'metaspace_first': a small tokenizer trained on
+    the corpus above."""
     return _wrap(Tokenizer.from_str(_trained(kind)))

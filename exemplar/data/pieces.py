@@ -60,8 +60,10 @@ class PieceTokenizer:
         view.no_truncation()  # a tokenizer.json may carry settings meant for whole inputs
         view.no_padding()
         normalize = _TextNormalizer.of(tree) if plain_text else None
-        if normalize is not None:
+        if normalize is not None and normalize.moves_normalizer:
             view.normalizer = None
+        if normalize is not None and normalize.moves_pre_tokenizer:
+            view.pre_tokenizer = None
         view.encode_special_tokens = plain_text
         words = BpeWords.of(view, normalize) if plain_text else None
         return view, normalize, words
@@ -228,37 +230,31 @@ class BpeWords:
 
 
 class _TextNormalizer:
-    """A tokenizer normalizer made only of string Replace and Prepend steps, applied in Python."""
+    """The tokenizer's text rewriting, applied in Python: a normalizer made only of string Replace
+    and Prepend steps, then (optionally) a Metaspace pre-tokenizer that does not split, which only
+    replaces spaces and prepends the replacement (the usual SentencePiece conversions)."""
 
-    def __init__(self, steps: list[tuple[str, str, str]]):
-        self.steps = steps  # ("replace", old, new) | ("prepend", text, "")
+    def __init__(self, steps: list[tuple[str, str, str]], moves_normalizer: bool, moves_pre_tokenizer: bool):
+        self.steps = steps  # ("replace", old, new) | ("prepend", text, "") | ("prepend_unless", text, "")
+        self.moves_normalizer = moves_normalizer
+        self.moves_pre_tokenizer = moves_pre_tokenizer
 
     @classmethod
     def of(cls, tree: dict[str, Any]) -> _TextNormalizer | None:
-        """The tree's normalizer, when it qualifies and moving it before the added-token split
-        cannot change anything (every added token is special, so plain-text views skip them)."""
+        """The tree's normalizer (and non-splitting Metaspace), when every step qualifies and
+        moving them before the added-token split cannot change anything (every added token is
+        special, so plain-text views skip them). None when there is nothing to move."""
         if any(not t.get("special", False) for t in tree.get("added_tokens") or []):
             return None
         node = tree.get("normalizer")
-        if node is None:
-            return None  # nothing to move
-        nodes = node.get("normalizers", []) if node.get("type") == "Sequence" else [node]
-        steps = []
-        for n in nodes:
-            pattern = n.get("pattern") or {}
-            if (
-                n.get("type") == "Replace"
-                and set(pattern) == {"String"}
-                and isinstance(n.get("content"), str)
-            ):
-                if not pattern["String"]:
-                    return None
-                steps.append(("replace", pattern["String"], n["content"]))
-            elif n.get("type") == "Prepend" and isinstance(n.get("prepend"), str):
-                steps.append(("prepend", n["prepend"], ""))
-            else:
-                return None
-        return cls(steps)
+        steps = [] if node is None else _normalizer_steps(node)
+        if steps is None:
+            return None
+        pre = tree.get("pre_tokenizer")
+        metaspace = _metaspace_steps(pre) if pre is not None else None
+        if node is None and metaspace is None:
+            return None
+        return cls(steps + (metaspace or []), node is not None, metaspace is not None)
 
     def replacement(self, text: str) -> str:
         """What the replace steps make of `text` (the prepend steps only act at the start)."""
@@ -271,9 +267,47 @@ class _TextNormalizer:
         for kind, a, b in self.steps:
             if kind == "replace":
                 text = text.replace(a, b)
-            elif text:  # tokenizers prepends to non-empty strings only
+            elif kind == "prepend":
+                if text:  # tokenizers prepends to non-empty strings only
+                    text = a + text
+            elif text and not text.startswith(a):  # Metaspace: unless already there
                 text = a + text
         return text
+
+
+def _normalizer_steps(node: dict[str, Any]) -> list[tuple[str, str, str]] | None:
+    """A normalizer's string Replace / Prepend steps; None if it has any other kind."""
+    nodes = node.get("normalizers", []) if node.get("type") == "Sequence" else [node]
+    steps = []
+    for n in nodes:
+        pattern = n.get("pattern") or {}
+        if n.get("type") == "Replace" and set(pattern) == {"String"} and isinstance(n.get("content"), str):
+            if not pattern["String"]:
+                return None
+            steps.append(("replace", pattern["String"], n["content"]))
+        elif n.get("type") == "Prepend" and isinstance(n.get("prepend"), str):
+            steps.append(("prepend", n["prepend"], ""))
+        else:
+            return None
+    return steps
+
+
+def _metaspace_steps(node: dict[str, Any]) -> list[tuple[str, str, str]] | None:
+    """A Metaspace pre-tokenizer that does not split, as text steps; None for anything else.
+
+    It replaces " " with its replacement and, with prepend scheme "always" or "first", prepends
+    the replacement unless the text starts with it ("first" means the first section of the
+    input: plain-text views never cut the text at added tokens, so there is one section)."""
+    replacement = node.get("replacement")
+    if node.get("type") != "Metaspace" or node.get("split", True) or not isinstance(replacement, str):
+        return None
+    scheme = node.get("prepend_scheme")
+    if scheme not in ("always", "first", "never"):
+        return None
+    steps = [("replace", " ", replacement)]
+    if scheme != "never":
+        steps.append(("prepend_unless", replacement, ""))
+    return steps
 
 
 # Parts of tokenizer.json that hold no normalizer / pre-tokenizer steps (and are large): not walked.
