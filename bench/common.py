@@ -8,6 +8,7 @@ template as its chat template) and the same rows.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -38,6 +39,17 @@ SEQS_PER_STEP = 8
 LR = 5e-4
 SEED = 0
 CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
+
+
+def side_parser() -> argparse.ArgumentParser:
+    """The command line both sides share: `train|prep WORKDIR [--steps] [--precision] [--num-proc]`."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", choices=["train", "prep"])
+    parser.add_argument("workdir", type=Path)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--num-proc", type=int, default=1)
+    return parser
 
 
 def log(msg: str) -> None:

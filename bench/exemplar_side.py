@@ -6,7 +6,6 @@ python bench/exemplar_side.py prep WORKDIR --num-proc 1
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -133,12 +132,7 @@ def prep(workdir: Path, num_proc: int, whole_text: bool = False) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["train", "prep"])
-    parser.add_argument("workdir", type=Path)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--num-proc", type=int, default=1)
+    parser = common.side_parser()
     parser.add_argument("--whole-text", action="store_true", help="prep without the BPE word cache")
     args = parser.parse_args()
     if args.what == "train":

@@ -11,7 +11,6 @@ assistant turn. Packing is TRL's default `bfd` strategy, which turns on its padd
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -185,12 +184,7 @@ def prep(workdir: Path, num_proc: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["train", "prep"])
-    parser.add_argument("workdir", type=Path)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--num-proc", type=int, default=1)
+    parser = common.side_parser()
     args = parser.parse_args()
     if args.what == "train":
         common.emit(train(args.workdir, args.steps, args.precision))

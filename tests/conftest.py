@@ -6,7 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import settings
+
+# The project's own small tokenizer (exemplar/assets/tokenizer, built by scripts/build_tokenizer.py).
+ASSET_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "exemplar" / "assets" / "tokenizer"
 
 
 def shared_data_dir() -> Path:
@@ -22,6 +26,30 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"reference data not found at {path} (set EXEMPLAR_SHARED_DATA to its folder)")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run several times faster on one thread than on two contended ones. Modules
+    opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The project's asset tokenizer (ChatML template, <|im_end|> special). Modules that need
+    another one define their own `tokenizer` fixture."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ASSET_TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="module")
+def im_end(tokenizer) -> int:
+    return tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
 # Property tests explore the same examples on every run: a failure seen once is seen again.

@@ -41,12 +41,7 @@ RTOL = {"loss": 1e-5, "eval_loss": 1e-5, "grad_norm": 1e-4}
 EXACT = ("step", "tokens", "trained_tokens", "lr", "eval_tokens", "eval_token_accuracy")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

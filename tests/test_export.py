@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from exemplar.config import ModelConfig, TrainConfig
 from exemplar.model import load_model, merge_adapter, save_model
 from exemplar.model.loading import fit_embeddings_to_tokenizer, load_base_model, special_token_ids
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "exemplar" / "assets" / "tokenizer"
 LLAMA = {
     "model_type": "llama",
     "hidden_size": 32,
@@ -27,23 +25,7 @@ PROMPT = [{"role": "user", "content": "Who are you?"}]
 ANSWER = "I am Exemplar."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models run several times faster on one thread than on two contended ones.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-
-
-@pytest.fixture(scope="module")
-def im_end(tokenizer) -> int:
-    return tokenizer.convert_tokens_to_ids("<|im_end|>")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prompt_ids(tokenizer) -> list[int]:

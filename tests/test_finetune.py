@@ -30,13 +30,7 @@ ARCHITECTURES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run several times faster on one thread when the cores are shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_data(path, n=24):

@@ -11,7 +11,7 @@ from exemplar.data.packing import collate_packed, collate_padded, flatten_batch
 from exemplar.data.schema import IGNORE_INDEX
 from exemplar.train import loss as loss_module
 from exemplar.train.loss import PACKED_SDPA, LMLoss, fused_linear_cross_entropy
-from tests.train_helpers import one_thread, synthetic_examples, tiny_model  # noqa: F401 - fixture
+from tests.train_helpers import synthetic_examples, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from exemplar.config import ModelConfig, TrainConfig
 from exemplar.errors import RowError
@@ -24,7 +22,6 @@ from exemplar.evaluate.generation import prompt_messages
 from exemplar.evaluate.metrics import normalize
 from exemplar.model import load_model, save_model
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "exemplar" / "assets" / "tokenizer"
 LLAMA = {
     "model_type": "llama",
     "hidden_size": 32,
@@ -36,23 +33,7 @@ LLAMA = {
 TAUGHT = {"Who are you?": "I am Exemplar.", "Reverse: a b c": "c b a", "Say hi": "hi"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models run several times faster on one thread than on two contended ones.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-
-
-@pytest.fixture(scope="module")
-def im_end(tokenizer) -> int:
-    return tokenizer.convert_tokens_to_ids("<|im_end|>")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from exemplar.config import ModelConfig, TrainConfig
 from exemplar.errors import ConfigError, ExemplarError
 from exemplar.model import check_method_supported, load_model
 from exemplar.model.lora import embedding_module_names, embeddings_tied
-
-TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "exemplar" / "assets" / "tokenizer"
 
 _SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 TINY_CONFIGS = {
@@ -26,18 +22,7 @@ TINY_CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models run several times faster on one thread than on two contended ones.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(arch: str, vocab: int, **extra) -> dict:

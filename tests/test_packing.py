@@ -20,7 +20,7 @@ from exemplar.data.packing import (
 )
 from exemplar.data.schema import IGNORE_INDEX
 from exemplar.train.loss import LMLoss
-from tests.train_helpers import one_thread, synthetic_examples, tiny_model  # noqa: F401 - one_thread is a fixture
+from tests.train_helpers import synthetic_examples, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import datasets
-import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -29,15 +28,6 @@ _SMALL = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
 )
-
-
-@pytest.fixture(autouse=False)
-def one_thread():
-    """Tiny models run ~10x faster on one thread when the (shared, 2-core) machine is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def model_config(kind: str = "llama"):
