@@ -18,7 +18,7 @@ from exemplar.train.batching import TrainPlan, example_lengths
 from exemplar.train.loop import run_training
 from exemplar.train.metrics import read_metrics
 from exemplar.train.schedule import lr_at
-from tests.train_helpers import make_config, one_thread, synthetic_dataset, tiny_model  # noqa: F401 - fixture
+from tests.train_helpers import make_config, synthetic_dataset, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
