@@ -151,25 +151,39 @@ def save_checkpoint(
     """
     if world is not None and world.distributed:
         return _save_sharded(root, step, model, optimizer, schedule, trainer_state, world)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = _empty_tmp(root, f"{TMP_PREFIX}{final.name}-{os.getpid()}")
     save_file(trainable_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     _write_json(tmp / "scheduler.json", schedule)
     _write_json(tmp / "trainer_state.json", trainer_state)  # last: its presence marks completeness
+    _publish(tmp, final)
+    return final
+
+
+def _empty_tmp(root: Path, name: str) -> Path:
+    """A fresh, empty temporary folder under root (a killed run's leftover of that name removed)."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / name
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Make a fully written temporary checkpoint folder the checkpoint: its files and the folder
+    synced, then renamed into place (a step saved again, e.g. the last one after a resume, moves
+    the old folder aside first)."""
     for f in tmp.iterdir():
-        _fsync_file(f)
+        if f.is_file():
+            _fsync_file(f)
     _fsync_dir(tmp)
-    if final.exists():  # re-saving a step (e.g. the last one after a resume): move the old one aside
+    if final.exists():
         _discard(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
-    return final
+    _fsync_dir(final.parent)
 
 
 def _save_sharded(
@@ -188,10 +202,7 @@ def _save_sharded(
     final = root / step_dir_name(step)
     tmp = root / f"{TMP_PREFIX}{final.name}-ranks"  # the same folder on every rank
     if world.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        _empty_tmp(root, tmp.name)
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer, options=_state_options(model))
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / SHARDED_DIR))
@@ -204,14 +215,7 @@ def _save_sharded(
         _write_json(
             tmp / "trainer_state.json", {**trainer_state, "format": "sharded", "world_size": world.world_size}
         )
-        for f in tmp.iterdir():
-            if f.is_file():
-                _fsync_file(f)
-        _fsync_dir(tmp)
-        if final.exists():
-            _discard(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
+        _publish(tmp, final)
     dist.barrier()  # nobody goes on (and prunes or resumes) before the folder is in place
     return final
 
