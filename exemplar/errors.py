@@ -28,6 +28,9 @@ class RowError(ExemplarError):
             where += f", field '{field}'"
         super().__init__(f"{where}: {message}")
 
+    def __reduce__(self):  # worker processes send their problems back: rebuild from the parts
+        return RowError, (self.file, self.location, self.field, self.message)
+
 
 class DataError(ExemplarError):
     """A data source as a whole is unusable (missing file, unknown format, many invalid rows)."""

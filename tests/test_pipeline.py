@@ -139,6 +139,17 @@ def test_invalid_rows_stop_preparation_with_locations(tmp_path, bundle):
     assert "bad.jsonl" in str(err.value) and "line 2" in str(err.value)
 
 
+def test_invalid_rows_found_by_worker_processes_keep_their_locations(tmp_path, bundle):
+    rows = [chat(f"question {i}", f"answer {i}") for i in range(4200)]
+    rows[4150] = {"messages": [{"role": "wizard", "content": "x"}]}  # in the second worker's share
+    path = write_jsonl(tmp_path / "big.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        prepare_data(config_for(tmp_path, [path], data={"num_proc": 2}), bundle=bundle, progress=False)
+    (problem,) = err.value.problems
+    assert (problem.file, problem.location) == (str(path), "line 4151")
+    assert "wizard" in problem.message and "line 4151" in str(err.value)
+
+
 def test_parallel_encoding_matches_single_process(tmp_path, bundle):
     rows = [chat(f"question number {i}", f"answer number {i} " * (i % 7 + 1)) for i in range(4200)]
     path = write_jsonl(tmp_path / "big.jsonl", rows)

@@ -128,17 +128,18 @@ class Encoder:
         if first is None:
             return
         second = next(chunks, None)
+        batches = itertools.chain([first] if second is None else [first, second], chunks)
         # Nothing to overlap with one batch, nor when the content is tokenized word by word in
         # Python (that holds the GIL: a second thread would only take turns with this one).
         if second is None or not self.pieces.releases_gil:
-            for chunk in itertools.chain((first,), () if second is None else (second,), chunks):
+            for chunk in batches:
                 slots, rows, (plan, first_texts, cont_texts) = self._render(chunk)
                 ids = self.pieces.resolve(plan, *self.pieces.content_ids(first_texts, cont_texts))
                 yield chunk, slots, rows, ids
             return
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = None
-            for chunk in itertools.chain((first, second), chunks):
+            for chunk in batches:
                 slots, rows, (plan, first_texts, cont_texts) = self._render(chunk)
                 job = (
                     chunk,

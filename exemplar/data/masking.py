@@ -136,23 +136,38 @@ class ChatMasker:
         return spans
 
     def _spans_by_substitution(self, messages, tools, full) -> list[Span | None] | None:
+        found = self._substituted(messages, tools, full)
+        if found is None:
+            return None  # the template does more than place contents: locate one at a time
+        skeleton, bodies = found
+        spans: list[Span | None] = [None] * len(messages)
+        length = 0
+        for head, i in skeleton.layout:
+            length += len(head)
+            spans[i] = (length, length + len(bodies[i]))
+            length += len(bodies[i])
+        return spans
+
+    def _substituted(self, messages, tools, full) -> tuple[_Skeleton, dict[int, str]] | None:
+        """The conversation's skeleton and each placed message's body (its content, or its content
+        stripped for templates that `| trim`), when the bodies substituted for the placeholders
+        give `full`; None when they do not (or a placeholder was dropped or repeated)."""
         skeleton = self._skeleton(
             [dict(m, content=placeholder(i)) if m["content"] else m for i, m in enumerate(messages)], tools
         )
-        if skeleton.layout is None:
-            return None  # a placeholder dropped or repeated by the template: locate one at a time
+        layout = skeleton.layout
+        if layout is None:
+            return None
         for transform in (None, str.strip):
-            spans: list[Span | None] = [None] * len(messages)
-            parts, length = [], 0
-            for head, i in skeleton.layout:
+            bodies = {}
+            parts = []
+            for head, i in layout:
                 body = messages[i]["content"] if transform is None else transform(messages[i]["content"])
+                bodies[i] = body
                 parts += [head, body]
-                length += len(head)
-                spans[i] = (length, length + len(body))
-                length += len(body)
             parts.append(skeleton.tail)
-            if length + len(skeleton.tail) == len(full) and "".join(parts) == full:
-                return spans
+            if "".join(parts) == full:
+                return skeleton, bodies
         return None
 
     def _span_one_by_one(self, messages, tools, full, i) -> Span | None:
@@ -252,25 +267,10 @@ class ChatMasker:
         without content: then every piece of template text, trained flag and stop token is the
         skeleton's, and only the contents change. Otherwise returns None (the general path).
         """
-        skeleton = self._skeleton(
-            [dict(m, content=placeholder(i)) if m["content"] else m for i, m in enumerate(messages)],
-            conv.tools,
-        )
-        layout = skeleton.layout
-        if layout is None:
+        found = self._substituted(messages, conv.tools, full)
+        if found is None:
             return None
-        for transform in (None, str.strip):
-            bodies = {}
-            parts = []
-            for head, i in layout:
-                body = messages[i]["content"] if transform is None else transform(messages[i]["content"])
-                bodies[i] = body
-                parts += [head, body]
-            parts.append(skeleton.tail)
-            if "".join(parts) == full:
-                break
-        else:
-            return None
+        skeleton, bodies = found
         if not all(bodies.values()):
             return None  # an empty content (after strip) would merge its neighbours differently
         trained = tuple(self.trained_messages(conv))

@@ -310,8 +310,7 @@ def _encode_in_workers(
             jobs = [(None, a, b, known) for a, b, known in shards]
         else:
             pool = mp.get_context("spawn").Pool(num_proc)
-            shipped = [_shippable(row) for row in rows]  # RowError does not pickle
-            jobs = [((encoder, shipped[a:b], spec), 0, b - a, known) for a, b, known in shards]
+            jobs = [((encoder, rows[a:b], spec), 0, b - a, known) for a, b, known in shards]
     finally:
         _SHARED = None
         if saved is None:
@@ -325,7 +324,7 @@ def _encode_in_workers(
         ):
             parts.append(columns)
             where += part_where
-            problems += [RowError(*fields) for fields in part_problems]
+            problems += part_problems
             bar.update(b - a)
     starts = np.cumsum([0] + [len(p.drop_reasons) for p in parts[:-1]]).tolist()
     return EncodedColumns.concat(parts, starts), where, problems
@@ -334,14 +333,7 @@ def _encode_in_workers(
 def _encode_shard(job):
     work, start, end, known = job
     encoder, rows, spec = work if work is not None else _shared_in_child()
-    rows = [RowError(*row) if isinstance(row, tuple) else row for row in rows[start:end]]
-    columns, where, problems = _encode_converted(encoder, convert_rows(rows, spec, dict(known)))
-    # RowError does not pickle (its constructor takes the parts): send the parts.
-    return columns, where, [(p.file, p.location, p.field, p.message) for p in problems]
-
-
-def _shippable(row):
-    return (row.file, row.location, row.field, row.message) if isinstance(row, RowError) else row
+    return _encode_converted(encoder, convert_rows(rows[start:end], spec, dict(known)))
 
 
 def _shared_in_child():

@@ -71,21 +71,3 @@ class SourceRow:
     location: str  # "line 12", "row 3"
     index: int  # 0-based position within its file
     data: dict[str, Any] = field(default_factory=dict)
-
-
-def example_to_dict(example: Example) -> dict[str, Any]:
-    """A JSON-able form with a `kind` tag, to ship examples to worker processes."""
-    from dataclasses import asdict
-
-    kind = {Conversation: "chat", TextDocument: "text", TokenizedExample: "tokens"}[type(example)]
-    return {"kind": kind, **asdict(example)}
-
-
-def example_from_dict(data: dict[str, Any]) -> Example:
-    data = dict(data)
-    kind = data.pop("kind")
-    if kind == "chat":
-        return Conversation([Message(**m) for m in data["messages"]], data.get("tools"))
-    if kind == "text":
-        return TextDocument(**data)
-    return TokenizedExample(**data)
