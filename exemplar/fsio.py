@@ -1,0 +1,65 @@
+"""Durable file writes: one helper for every file Exemplar writes that a crash must not leave half-written.
+
+A file is written to a temporary sibling, flushed and fsynced, renamed over the target (atomic on
+POSIX), and the folder fsynced so the rename itself survives a power cut. Readers therefore see
+either the old complete file or the new complete file, never a prefix of one. Checkpoints, caches,
+exports, summaries and curation outputs all go through these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# The process umask, read once at import (reading it means setting it, which would race with
+# other threads if done per write).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically and durably; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp creates 0600; a written file gets the ordinary umask-derived mode instead.
+        os.chmod(tmp_name, 0o666 & ~_UMASK)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(
+    path: str | Path, data: Any, *, sort_keys: bool = False, allow_nan: bool = True
+) -> Path:
+    """JSON (indented, UTF-8, trailing newline) written atomically."""
+    text = json.dumps(data, indent=2, sort_keys=sort_keys, ensure_ascii=False, allow_nan=allow_nan)
+    return atomic_write_text(path, text + "\n")
+
+
+def fsync_file(path: str | Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
