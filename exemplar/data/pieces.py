@@ -235,7 +235,8 @@ class _TextNormalizer:
     replaces spaces and prepends the replacement (the usual SentencePiece conversions)."""
 
     def __init__(self, steps: list[tuple[str, str, str]], moves_normalizer: bool, moves_pre_tokenizer: bool):
-        self.steps = steps  # ("replace", old, new) | ("prepend", text, "") | ("prepend_unless", text, "")
+        # ("replace", old, new) | ("replace_start", old, new) | ("prepend", text, "") | ("prepend_unless", text, "")
+        self.steps = steps
         self.moves_normalizer = moves_normalizer
         self.moves_pre_tokenizer = moves_pre_tokenizer
 
@@ -270,6 +271,9 @@ class _TextNormalizer:
             elif kind == "prepend":
                 if text:  # tokenizers prepends to non-empty strings only
                     text = a + text
+            elif kind == "replace_start":
+                if text.startswith(a):
+                    text = b + text[len(a) :]
             elif text and not text.startswith(a):  # Metaspace: unless already there
                 text = a + text
         return text
@@ -287,9 +291,24 @@ def _normalizer_steps(node: dict[str, Any]) -> list[tuple[str, str, str]] | None
             steps.append(("replace", pattern["String"], n["content"]))
         elif n.get("type") == "Prepend" and isinstance(n.get("prepend"), str):
             steps.append(("prepend", n["prepend"], ""))
+        elif (literal := _start_literal(n)) is not None:
+            steps.append(("replace_start", literal, n["content"]))
         else:
             return None
     return steps
+
+
+def _start_literal(node: dict[str, Any]) -> str | None:
+    """The literal of a Replace whose regex is `\\A` + plain text (rewrite the text's start), e.g.
+    the `\\A▁ -> ▁▁` step of newer SentencePiece conversions (Llama 2 in transformers >= 5.24,
+    which keeps a typed leading space as its own token); None for any other node. Only this shape
+    is moved to Python: general regexes follow Oniguruma's rules, not Python's."""
+    pattern = node.get("pattern") or {}
+    regex = pattern.get("Regex") if node.get("type") == "Replace" and set(pattern) == {"Regex"} else None
+    if not isinstance(regex, str) or not isinstance(node.get("content"), str) or not regex.startswith("\\A"):
+        return None
+    literal = regex[2:]
+    return literal if literal and re.escape(literal) == literal else None
 
 
 def _metaspace_steps(node: dict[str, Any]) -> list[tuple[str, str, str]] | None:
@@ -298,6 +317,9 @@ def _metaspace_steps(node: dict[str, Any]) -> list[tuple[str, str, str]] | None:
     It replaces " " with its replacement and, with prepend scheme "always" or "first", prepends
     the replacement unless the text starts with it ("first" means the first section of the
     input: plain-text views never cut the text at added tokens, so there is one section)."""
+    if node.get("type") == "Sequence":  # transformers >= 5.24 wraps the one Metaspace in a Sequence
+        inner = node.get("pretokenizers") or []
+        return _metaspace_steps(inner[0]) if len(inner) == 1 else None
     replacement = node.get("replacement")
     if node.get("type") != "Metaspace" or node.get("split", True) or not isinstance(replacement, str):
         return None
@@ -353,4 +375,10 @@ def _without_prefix_space(node: Any) -> Any:
 
 
 def _is_prepend(node: Any) -> bool:
-    return isinstance(node, dict) and node.get("type") == "Prepend"
+    """A step that only acts at the start of the text: a Prepend, or a Replace anchored at `\\A`
+    (continuation pieces are mid-text, where neither applies)."""
+    if not isinstance(node, dict):
+        return False
+    pattern = node.get("pattern")
+    anchored = isinstance(pattern, dict) and str(pattern.get("Regex", "")).startswith("\\A")
+    return node.get("type") == "Prepend" or (node.get("type") == "Replace" and anchored)
