@@ -91,7 +91,7 @@ def main() -> None:
     chosen = [c for c in CHECKS if not args.only or c[0] in args.only]
     for name, gpu_cap, cpu_cap, needs in chosen:
         cap = cpu_cap if args.cpu_dry_run else gpu_cap
-        row = run_one(name, cap, needs, ctx, report["rows"], deadline)
+        row = run_one(name, getattr(gpu_checks, name), cap, needs, ctx, report["rows"], deadline)
         report["rows"].append(row)
         learn(ctx, row)
         report["info"]["elapsed_s"] = round(time.monotonic() - started, 1)
@@ -185,7 +185,9 @@ def machine_info(args: argparse.Namespace, installed: str, workdir: Path) -> dic
 # Running one check
 
 
-def run_one(name: str, cap: float, needs: tuple, ctx, rows: list[dict], deadline: float) -> dict:
+def run_one(name: str, check, cap: float, needs: tuple, ctx, rows: list[dict], deadline: float) -> dict:
+    """Row `name`: `check(ctx)` in its own process for at most `cap` seconds and until `deadline`,
+    unless a check in `needs` did not pass (`rows`: the rows so far)."""
     start = time.monotonic()
     row = {"check": name, "status": "", "seconds": 0.0, "numbers": {}, "tolerance": None, "target": None}
     failed = [n for n in needs if not any(r["check"] == n and r["status"] == "ok" for r in rows)]
@@ -196,7 +198,7 @@ def run_one(name: str, cap: float, needs: tuple, ctx, rows: list[dict], deadline
         row["status"] = "skipped: out of time"
     else:
         timeout = min(cap, left)
-        result = in_child(name, ctx, timeout)
+        result = in_child(name, check, ctx, timeout)
         if result is None and timeout >= cap:
             result = {"status": f"failed: timed out after its cap of {cap:.0f} s"}
         elif result is None:
@@ -206,12 +208,12 @@ def run_one(name: str, cap: float, needs: tuple, ctx, rows: list[dict], deadline
     return row
 
 
-def in_child(name: str, ctx, timeout: float) -> dict | None:
-    """Run check `name` in a forked process (its own process group); None when it overran `timeout`."""
+def in_child(name: str, check, ctx, timeout: float) -> dict | None:
+    """`check(ctx)` in a forked process (its own process group); None when it overran `timeout`."""
     result_path = ctx.workdir / "results" / f"{name}.json"
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.unlink(missing_ok=True)
-    process = multiprocessing.get_context("fork").Process(target=_child_main, args=(name, ctx, result_path))
+    process = multiprocessing.get_context("fork").Process(target=_child_main, args=(check, ctx, result_path))
     process.start()
     process.join(timeout)
     if process.is_alive():
@@ -223,14 +225,12 @@ def in_child(name: str, ctx, timeout: float) -> dict | None:
     return {"status": f"failed: the check's process died (exit code {process.exitcode})"}
 
 
-def _child_main(name: str, ctx, result_path: Path) -> None:
+def _child_main(check, ctx, result_path: Path) -> None:
     os.setsid()  # its own group: a timeout kills torchrun and the bench's processes with it
-    import gpu_checks
-
     from exemplar.fsio import atomic_write_text
 
     try:
-        result = getattr(gpu_checks, name)(ctx)
+        result = check(ctx)
     except BaseException as e:  # SystemExit from bench/run.py's children included
         message = " / ".join(line.strip() for line in str(e).strip().splitlines()[:3])
         result = {
