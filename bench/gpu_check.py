@@ -64,6 +64,8 @@ CHECKS = [
     ("packed_exactness_flex_attention", 80, 40, ("setup",)),
     ("packed_exactness_flash_attention_2", 50, 40, ("setup",)),
 ]
+START_METHOD = "fork"  # of the checks' processes (see warm_imports)
+NAMES = [name for name, *_ in CHECKS]
 MIN_START_S = 15  # a check with less time than this left is not started
 REPORT_RESERVE_S = 5  # kept back for writing the report at the end
 VERSIONED = ["torch", "transformers", "peft", "bitsandbytes", "trl", "datasets", "accelerate", "pydantic"]
@@ -85,10 +87,15 @@ def main() -> None:
     import gpu_checks
 
     common.apply_preset("tiny" if args.cpu_dry_run else "gpu")
-    warm_imports()
+    global START_METHOD
+    START_METHOD = warm_imports()
     ctx = gpu_checks.Context(dry_run=args.cpu_dry_run, workdir=workdir, sizes=gpu_checks.SIZES[common.PRESET])
     report = {"info": machine_info(args, installed, workdir), "rows": []}
-    chosen = [c for c in CHECKS if not args.only or c[0] in args.only]
+    wanted = set(args.only or NAMES)
+    wanted |= {need for name, *_, needs in CHECKS if name in wanted for need in needs}
+    if args.only:
+        wanted.add("matmul_bf16")  # the GPU count and the matmul rate that MFU is measured against
+    chosen = [c for c in CHECKS if c[0] in wanted]
     for name, gpu_cap, cpu_cap, needs in chosen:
         cap = cpu_cap if args.cpu_dry_run else gpu_cap
         row = run_one(name, getattr(gpu_checks, name), cap, needs, ctx, report["rows"], deadline)
@@ -115,7 +122,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a new temp dir)")
     parser.add_argument("--wheels", type=Path, default=REPO / ".whl", help="wheels to install (default .whl)")
     parser.add_argument("--no-install", action="store_true", help="do not install the carried wheels")
-    parser.add_argument("--only", nargs="+", metavar="CHECK", help="run only these checks (and nothing else)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="CHECK",
+        choices=NAMES,
+        help="run only these checks (with matmul_bf16 and the checks they need, such as setup)",
+    )
     return parser.parse_args()
 
 
@@ -145,15 +158,18 @@ def put_on_path(*folders: Path) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
 
 
-def warm_imports() -> None:
-    """Import what the checks use once, before forking, so no check pays for it (no CUDA here)."""
+def warm_imports() -> str:
+    """Import what the checks use once, before forking, so no check pays for it; return the start
+    method for the checks' processes: fork, unless an import initialized CUDA (which a forked
+    process cannot use), then spawn. peft stays out: it may load bitsandbytes, which may touch CUDA."""
     import datasets  # noqa: F401
-    import peft  # noqa: F401
-    import torch  # noqa: F401
+    import torch
     import transformers  # noqa: F401
 
     import exemplar.train.finetune  # noqa: F401
     import exemplar.train.loop  # noqa: F401
+
+    return "spawn" if torch.cuda.is_initialized() else "fork"
 
 
 def machine_info(args: argparse.Namespace, installed: str, workdir: Path) -> dict:
@@ -165,7 +181,13 @@ def machine_info(args: argparse.Namespace, installed: str, workdir: Path) -> dic
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             versions[name] = "-"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    try:  # the device machine's copy of the tree may come without git or .git
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        )
+        commit_id = commit.stdout.strip() or "-"
+    except OSError:
+        commit_id = "-"
     return {
         "mode": "cpu dry run" if args.cpu_dry_run else "gpu",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -174,8 +196,9 @@ def machine_info(args: argparse.Namespace, installed: str, workdir: Path) -> dic
         "cpu_cores": os.cpu_count(),
         "cuda_build": torch.version.cuda,
         "versions": versions,
-        "exemplar_commit": commit.stdout.strip() or "-",
+        "exemplar_commit": commit_id,
         "wheels": installed,
+        "start_method": START_METHOD,
         "budget_s": args.budget,
         "workdir": str(workdir),
     }
@@ -213,7 +236,8 @@ def in_child(name: str, check, ctx, timeout: float) -> dict | None:
     result_path = ctx.workdir / "results" / f"{name}.json"
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.unlink(missing_ok=True)
-    process = multiprocessing.get_context("fork").Process(target=_child_main, args=(check, ctx, result_path))
+    context = multiprocessing.get_context(START_METHOD)
+    process = context.Process(target=_child_main, args=(check, ctx, result_path))
     process.start()
     process.join(timeout)
     if process.is_alive():

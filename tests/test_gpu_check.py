@@ -18,7 +18,7 @@ sys.path.insert(0, str(BENCH))
 import gpu_check  # noqa: E402
 import gpu_checks  # noqa: E402
 
-NAMES = [name for name, *_ in gpu_check.CHECKS]
+NAMES = gpu_check.NAMES
 # What needs CUDA (or a package the CPU image lacks) is skipped in the dry run; everything else runs.
 SKIPPED_ON_CPU = {
     "qlora_nf4",
@@ -92,6 +92,13 @@ def _row(name, check, ctx, rows=(), cap=30.0, left=60.0):
 def test_a_passing_check_gives_its_numbers(ctx):
     row = _row("a", _passes, ctx)
     assert (row["status"], row["numbers"], row["tolerance"]) == ("ok", {"x": 1.5}, "exact")
+
+
+def test_checks_also_run_in_spawned_processes(ctx, monkeypatch):
+    # the fallback when an import initialized CUDA in the parent
+    monkeypatch.setattr(gpu_check, "START_METHOD", "spawn")
+    assert _row("a", _passes, ctx)["status"] == "ok"
+    assert _row("a", _raises, ctx)["status"].startswith("failed: ValueError")
 
 
 def test_an_exception_becomes_a_failed_row_with_its_message_and_traceback(ctx):
