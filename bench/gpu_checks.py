@@ -190,7 +190,11 @@ def _finetune(ctx: Context, out: str, method: str, merge: bool) -> dict:
         params = ctx.facts.get("params_m", 0) * 1e6
         numbers["mfu_6n"] = 6 * params * summary["tokens_per_s"] / (ctx.matmul_gflops * 1e9)
     numbers.update(reload_and_generate(summary["outputs"]["model"], ctx))
-    status = "ok" if numbers["loss_decreased"] and numbers["generated_tokens"] > 0 else "failed: see numbers"
+    status = "ok"
+    if not numbers["loss_decreased"]:
+        status = "failed: the loss did not decrease"
+    elif numbers["generated_tokens"] == 0:
+        status = "failed: the reloaded model generated nothing"
     return {"status": status, "numbers": numbers, "summary": summary}
 
 
