@@ -9,8 +9,8 @@ CUDA-only checks recorded as skipped; about two minutes on two cores):
 
     python bench/gpu_check.py --cpu-dry-run --out /tmp/gpu-check
 
-What it does: installs the carried wheels (.whl/, from bench/gpu_wheels.sh) into /tmp/site when the
-machine lacks them, puts this working tree first on the import path (exemplar is not installed
+What it does: installs the carried wheels (.whl/, from bench/gpu_wheels.sh; not in the dry run)
+into /tmp/site, puts them and this working tree first on the import path (exemplar is not installed
 there), then runs each check of `CHECKS` (bench/gpu_checks.py) in a forked process of its own with
 a time cap: a failure, a crash or an overrun becomes that row's status (`failed: <error>`) and the
 next check still runs. A global budget (`--budget`, 450 s) stops the run by itself; a check that no
@@ -18,7 +18,8 @@ longer fits is recorded as `skipped: out of time`. gpu_check.json and gpu_check.
 after every check, so what ran survives a kill.
 
 Only the standard library is imported before the wheels are installed; the parent process never
-touches CUDA (a CUDA context does not survive fork), the checks' processes do.
+touches CUDA (a CUDA context does not survive fork), the checks' processes do. Should an import
+initialize CUDA all the same, the checks' processes are spawned instead (info.start_method).
 """
 
 from __future__ import annotations
