@@ -10,8 +10,9 @@
 # the needs they pull in that the image does not hold are pinned here, one version each (two
 # versions of a package stop the install there). typing-extensions and fsspec are in the image, but
 # at versions not read here: pydantic-core needs typing-extensions >= 4.16 and datasets fsspec
-# <= 2026.9.0, so both travel too (small). Installed with --target and put first on the path, they
-# shadow the image's copies for this run only.
+# <= 2026.9.0, so both travel too (small); so does peft, pinned to the version the CPU tests use
+# (exemplar's LoRA passes `ensure_weight_tying`, which peft has from 0.18 on). Installed with
+# --target and put first on the path, they shadow the image's copies for that run only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,11 +26,12 @@ WHEELS=(
   datasets==5.2.0
   dill==0.4.1
   multiprocess==0.70.19
+  peft==0.21.2
   trl==1.16.0
   bitsandbytes==0.50.2
 )
 
-mkdir -p .whl
+rm -rf .whl && mkdir .whl  # nothing left from an earlier list: one version of each
 exclude=$(git rev-parse --git-path info/exclude)
 grep -qx '/.whl/' .gitignore || grep -qx '/.whl/' "$exclude" 2>/dev/null || echo /.whl/ >> "$exclude"
 for wheel in "${WHEELS[@]}"; do
