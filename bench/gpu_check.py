@@ -90,7 +90,8 @@ def main() -> None:
     common.apply_preset("tiny" if args.cpu_dry_run else "gpu")
     global START_METHOD
     START_METHOD = warm_imports()
-    ctx = gpu_checks.Context(dry_run=args.cpu_dry_run, workdir=workdir, sizes=gpu_checks.SIZES[common.PRESET])
+    sizes = gpu_checks.SIZES[common.PRESET]
+    ctx = gpu_checks.Context(dry_run=args.cpu_dry_run, workdir=workdir, sizes=sizes, preset=common.PRESET)
     report = {"info": machine_info(args, installed, workdir), "rows": []}
     wanted = set(args.only or NAMES)
     wanted |= {need for name, *_, needs in CHECKS if name in wanted for need in needs}
@@ -252,8 +253,11 @@ def in_child(name: str, check, ctx, timeout: float) -> dict | None:
 
 def _child_main(check, ctx, result_path: Path) -> None:
     os.setsid()  # its own group: a timeout kills torchrun and the bench's processes with it
+    import common  # a spawned process starts from the module defaults
+
     from exemplar.fsio import atomic_write_text
 
+    common.apply_preset(ctx.preset)
     try:
         result = check(ctx)
     except BaseException as e:  # SystemExit from bench/run.py's children included

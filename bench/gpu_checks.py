@@ -61,6 +61,7 @@ class Context:
     dry_run: bool
     workdir: Path
     sizes: dict[str, Any]
+    preset: str = "gpu"  # bench/common's workload (re-applied in each check's process)
     matmul_gflops: float | None = None  # bf16, from the matmul_bf16 check
     gpu_count: int = 0
     facts: dict[str, Any] = field(default_factory=dict)

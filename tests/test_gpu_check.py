@@ -65,7 +65,7 @@ def test_the_cpu_dry_run_writes_every_row_and_the_cpu_rows_pass(tmp_path):
 
 @pytest.fixture
 def ctx(tmp_path):
-    return gpu_checks.Context(dry_run=True, workdir=tmp_path, sizes=gpu_checks.SIZES["tiny"])
+    return gpu_checks.Context(dry_run=True, workdir=tmp_path, sizes=gpu_checks.SIZES["tiny"], preset="tiny")
 
 
 def _raises(ctx):
@@ -81,7 +81,9 @@ def _hangs(ctx):
 
 
 def _passes(ctx):
-    return {"status": "ok", "numbers": {"x": 1.5}, "tolerance": "exact"}
+    import common
+
+    return {"status": "ok", "numbers": {"x": 1.5, "max_length": common.MAX_LENGTH}, "tolerance": "exact"}
 
 
 def _row(name, check, ctx, rows=(), cap=30.0, left=60.0):
@@ -92,13 +94,15 @@ def _row(name, check, ctx, rows=(), cap=30.0, left=60.0):
 
 def test_a_passing_check_gives_its_numbers(ctx):
     row = _row("a", _passes, ctx)
-    assert (row["status"], row["numbers"], row["tolerance"]) == ("ok", {"x": 1.5}, "exact")
+    assert (row["status"], row["numbers"], row["tolerance"]) == ("ok", {"x": 1.5, "max_length": 64}, "exact")
 
 
 def test_checks_also_run_in_spawned_processes(ctx, monkeypatch):
     # the fallback when an import initialized CUDA in the parent
     monkeypatch.setattr(gpu_check, "START_METHOD", "spawn")
-    assert _row("a", _passes, ctx)["status"] == "ok"
+    row = _row("a", _passes, ctx)
+    assert row["status"] == "ok"
+    assert row["numbers"]["max_length"] == 64  # the tiny preset, applied in the new interpreter too
     assert _row("a", _raises, ctx)["status"].startswith("failed: ValueError")
 
 
