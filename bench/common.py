@@ -39,6 +39,85 @@ SEQS_PER_STEP = 8
 LR = 5e-4
 SEED = 0
 CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
+ASSET_TOKENIZER = REPO / "exemplar" / "assets" / "tokenizer"
+
+# Other workloads (`--preset`), self-contained so that they run where the reference data is absent
+# (the GPU machine): the project's own tokenizer and generated counting chats (`synthetic_rows`).
+# `gpu` is a Qwen2.5-0.5B-shaped model at max length 2048; `tiny` is its CPU dry run.
+PRESET = "cpu"
+DEVICE = "cpu"
+MODEL_TYPE = "llama"
+DATA_MAX_NUMBERS = 0  # synthetic rows: the longest count (about 4 tokens a number)
+QWEN25_05B = dict(
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+TINY_QWEN = dict(
+    vocab_size=3072,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=True,
+)
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpu": dict(
+        MODEL=QWEN25_05B,
+        MODEL_TYPE="qwen2",
+        MAX_LENGTH=2048,
+        SEQS_PER_STEP=8,
+        LR=2e-4,
+        DEVICE="cuda",
+        DATA_MAX_NUMBERS=400,
+    ),
+    "tiny": dict(
+        MODEL=TINY_QWEN,
+        MODEL_TYPE="qwen2",
+        MAX_LENGTH=64,
+        SEQS_PER_STEP=2,
+        LR=1e-3,
+        DEVICE="cpu",
+        DATA_MAX_NUMBERS=9,
+    ),
+}
+
+
+def apply_preset(name: str) -> None:
+    """Switch this module's workload constants to a preset ('cpu' is the reference workload)."""
+    global PRESET
+    if name != "cpu":
+        globals().update(PRESETS[name])
+    PRESET = name
+
+
+def synthetic_rows(count: int, max_numbers: int, seed: int = SEED) -> list[dict[str, str]]:
+    """Alpaca-style rows asking to count up or down over a random range: learnable in a few steps
+    (the loss visibly falls) and of varied lengths (2 to `max_numbers` numbers), so packing has
+    documents of every size to fit. Generated, so no third-party text is needed."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        n = rng.randint(2, max_numbers)
+        first = rng.randint(0, 9999 - n)
+        last = first + n - 1
+        if rng.random() < 0.5:
+            instruction, numbers = f"Count from {first} to {last}.", range(first, last + 1)
+        else:
+            instruction, numbers = f"Count down from {last} to {first}.", range(last, first - 1, -1)
+        rows.append({"instruction": instruction, "input": "", "output": " ".join(map(str, numbers))})
+    return rows
 
 
 def side_parser() -> argparse.ArgumentParser:
@@ -49,7 +128,15 @@ def side_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--num-proc", type=int, default=1)
+    parser.add_argument("--method", choices=["full", "lora"], default="full")
+    parser.add_argument("--preset", choices=["cpu", *PRESETS], default="cpu")
     return parser
+
+
+def parse_side_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    apply_preset(args.preset)
+    return args
 
 
 def log(msg: str) -> None:
@@ -60,6 +147,15 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (ru_maxrss is KiB on Linux)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+def peak_gpu() -> dict[str, float]:
+    """{"peak_gpu_mb": torch.cuda.max_memory_allocated} on a GPU preset; nothing on the CPU."""
+    if DEVICE != "cuda":
+        return {}
+    import torch
+
+    return {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
 
 
 def alpaca_rows() -> list[dict[str, str]]:
@@ -79,29 +175,33 @@ def prompt_completion(row: dict[str, str]) -> dict[str, list[dict[str, str]]]:
 
 
 def prepare_workdir(workdir: Path, data_rows: int) -> dict[str, Any]:
-    """Write model/, tokenizer/, train.json (Alpaca) and prep.json (Alpaca repeated) into workdir."""
+    """Write model/, tokenizer/, train.json (Alpaca, or synthetic rows for the self-contained
+    presets) and prep.json (the rows repeated) into workdir."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from exemplar.data.templates import builtin_template
 
     workdir.mkdir(parents=True, exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(str(LLAMA2_TOKENIZER))
+    synthetic = PRESET != "cpu"
+    tok = AutoTokenizer.from_pretrained(str(ASSET_TOKENIZER if synthetic else LLAMA2_TOKENIZER))
     tok.add_special_tokens({"extra_special_tokens": CHATML_TOKENS}, replace_extra_special_tokens=False)
-    tok.pad_token = tok.unk_token  # neither side masks by pad id; keep it apart from EOS anyway
+    if not synthetic:
+        tok.pad_token = tok.unk_token  # neither side masks by pad id; keep it apart from EOS anyway
     tok.chat_template = builtin_template("chatml").source
     tok.save_pretrained(str(workdir / "tokenizer"))
 
-    config = LlamaConfig(
-        **MODEL, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
-    )
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(SEED)
-    model = LlamaForCausalLM(config)
+    if synthetic:
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(MODEL_TYPE, **MODEL, **ids))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**MODEL, **ids))
     model.save_pretrained(str(workdir / "model"))
     params = sum(p.numel() for p in model.parameters())
     del model
 
-    rows = alpaca_rows()
+    rows = synthetic_rows(4000 if PRESET == "gpu" else 200, DATA_MAX_NUMBERS) if synthetic else alpaca_rows()
     (workdir / "train.json").write_text(json.dumps(rows), encoding="utf-8")
     repeats = -(-data_rows // len(rows))
     prep = (rows * repeats)[: max(data_rows, len(rows))] if data_rows else rows
@@ -139,18 +239,25 @@ def step_flops(tokens: int, trained: int, doc_sq_sum: int) -> float:
     return 6.0 * body * tokens + 6.0 * head * trained + attention
 
 
-def matmul_rate(dtype: str, size: int = 2048, repeats: int = 5) -> float:
-    """Best-of-`repeats` GFLOP/s of a size^3 matmul on all cores."""
+def matmul_rate(dtype: str, size: int | None = None, repeats: int = 5) -> float:
+    """Best-of-`repeats` GFLOP/s of a size^3 matmul on all cores, or on the GPU of a GPU preset
+    (8192^3 there, each timed product synchronized)."""
     import torch
 
+    device = torch.device(DEVICE)
+    size = size or (8192 if device.type == "cuda" else 2048)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    a = torch.randn(size, size).to(dt)
-    b = torch.randn(size, size).to(dt)
-    a @ b  # warm up
+    a = torch.randn(size, size, device=device).to(dt)
+    b = torch.randn(size, size, device=device).to(dt)
+    for _ in range(3 if device.type == "cuda" else 1):  # warm up
+        a @ b
+    sync()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
 

@@ -12,7 +12,15 @@ from pathlib import Path
 import common
 
 
-def make_config(workdir: Path, data_file: str, precision: str, steps: int, num_proc: int | None, tag: str):
+def make_config(
+    workdir: Path,
+    data_file: str,
+    precision: str,
+    steps: int,
+    num_proc: int | None,
+    tag: str,
+    method: str = "full",
+):
     from exemplar.config import load_config
 
     return load_config(
@@ -28,6 +36,7 @@ def make_config(workdir: Path, data_file: str, precision: str, steps: int, num_p
         max_length=common.MAX_LENGTH,
         packing=True,
         train={
+            "method": method,
             "micro_batch_size": common.SEQS_PER_STEP,
             "grad_accum": 1,
             "max_steps": steps,
@@ -43,7 +52,7 @@ def make_config(workdir: Path, data_file: str, precision: str, steps: int, num_p
     )
 
 
-def train(workdir: Path, steps: int, precision: str) -> dict:
+def train(workdir: Path, steps: int, precision: str, method: str = "full") -> dict:
     import numpy as np
 
     from exemplar.data.pipeline import prepare_data
@@ -52,7 +61,9 @@ def train(workdir: Path, steps: int, precision: str) -> dict:
     from exemplar.train.batching import TrainPlan, example_lengths
     from exemplar.train.loop import run_training
 
-    config = make_config(workdir, "train.json", precision, steps, 1, f"{precision}-{time.time_ns()}")
+    config = make_config(
+        workdir, "train.json", precision, steps, 1, f"{method}-{precision}-{time.time_ns()}", method
+    )
     bundle = load_tokenizer(config)
     data = prepare_data(config, bundle=bundle, use_cache=False, progress=False)
     model = load_model(config.model, config.train, bundle.tokenizer, resolve=config.resolve_path)
@@ -82,6 +93,7 @@ def train(workdir: Path, steps: int, precision: str) -> dict:
     return {
         "tool": "exemplar",
         "precision": precision,
+        "method": method,
         "steps": summary["steps"],
         "wall_s": summary["train_wall_s"],
         "tokens": summary["tokens"],
@@ -90,6 +102,7 @@ def train(workdir: Path, steps: int, precision: str) -> dict:
         "losses": losses,
         "fill_ratio": summary["fill_ratio"],
         "peak_rss_mb": common.peak_rss_mb(),
+        **common.peak_gpu(),
         "load": common.loadavg(),
     }
 
@@ -134,9 +147,9 @@ def prep(workdir: Path, num_proc: int, whole_text: bool = False) -> dict:
 def main() -> None:
     parser = common.side_parser()
     parser.add_argument("--whole-text", action="store_true", help="prep without the BPE word cache")
-    args = parser.parse_args()
+    args = common.parse_side_args(parser)
     if args.what == "train":
-        common.emit(train(args.workdir, args.steps, args.precision))
+        common.emit(train(args.workdir, args.steps, args.precision, args.method))
     else:
         common.emit(prep(args.workdir, args.num_proc, args.whole_text))
 

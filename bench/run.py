@@ -3,6 +3,7 @@
     pip install -e ".[bench]"
     python bench/run.py --steps 20                 # fp32 and bf16 training, data preparation, ceiling
     python bench/run.py --precision fp32 --skip-trl --skip-prep
+    python bench/run.py --preset gpu --precision bf16 --method full lora --skip-prep   # on a GPU
 
 Each measurement runs in its own child process (`exemplar_side.py`, `trl_side.py`), so peak RSS
 is that run's alone; the two tools alternate, so a busy machine slows both alike. Results are
@@ -43,6 +44,18 @@ def child(script: str, *args: str) -> dict:
     raise SystemExit(f"{script} {' '.join(args)} failed (exit {proc.returncode})")
 
 
+def train_pair(tools: list[str], workdir: Path, steps: int, precision: str, method: str, preset: str) -> dict:
+    """One training run of each tool on the prepared workload: {tool: its side's report}."""
+    extra = [] if method == "full" else ["--method", method]  # the reference command lines stay as they were
+    extra += [] if preset == "cpu" else ["--preset", preset]
+    return {
+        tool: child(
+            f"{tool}_side.py", "train", str(workdir), "--steps", str(steps), "--precision", precision, *extra
+        )
+        for tool in tools
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Tables
 
@@ -70,6 +83,7 @@ def train_rows(runs: dict, rates: dict) -> list[dict]:
                 "gflops": flops / wall / 1e9,
                 "mfu": flops / wall / 1e9 / rates[r["precision"]],
                 "fill": r["fill_ratio"],
+                **({"peak_gpu_gb": r["peak_gpu_mb"] / 1024} if "peak_gpu_mb" in r else {}),
                 "load": r["load"],
                 "idle_before": r.get("idle_before", float("nan")),
             }
@@ -99,6 +113,12 @@ def print_train(title: str, rows: list[dict], steps: int) -> str:
             f"| **{_ratio(e['peak_rss_gb'], t['peak_rss_gb'])}** "
             f"| {e['loss'] - t['loss']:+.4f} | {e['loss_tail'] - t['loss_tail']:+.4f} "
             f"| {_ratio(e['s_per_step'], t['s_per_step'])} | | | | | |"
+        )
+    if all("peak_gpu_gb" in r for r in rows):
+        lines.append("")
+        lines.append(
+            "Peak GPU memory (torch.cuda.max_memory_allocated): "
+            + ", ".join(f"{r['tool']} {r['peak_gpu_gb']:.2f} GB" for r in rows)
         )
     text = "\n".join(lines)
     print(text + "\n", flush=True)
@@ -154,6 +174,16 @@ def main() -> None:
     parser.add_argument(
         "--num-proc", type=int, nargs="+", default=[1, 2], help="process counts for data prep"
     )
+    parser.add_argument(
+        "--preset",
+        choices=["cpu", *common.PRESETS],
+        default="cpu",
+        help="workload: cpu (the reference, needs the shared data), gpu (Qwen2.5-0.5B shape, length 2048, "
+        "synthetic rows), tiny (gpu's CPU dry run)",
+    )
+    parser.add_argument(
+        "--method", choices=["full", "lora"], nargs="+", default=["full"], help="training methods to time"
+    )
     parser.add_argument("--skip-trl", action="store_true", help="run Exemplar only")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-prep", action="store_true")
@@ -175,8 +205,11 @@ def main() -> None:
     args = parser.parse_args()
     global QUIET_WAIT_S
     QUIET_WAIT_S = args.quiet_wait
+    common.apply_preset(args.preset)
+    if args.preset != "cpu" and not args.skip_prep:
+        raise SystemExit(f"--preset {args.preset} times training only: pass --skip-prep")
 
-    if not common.ALPACA.is_file() or not common.LLAMA2_TOKENIZER.is_dir():
+    if args.preset == "cpu" and (not common.ALPACA.is_file() or not common.LLAMA2_TOKENIZER.is_dir()):
         raise SystemExit(f"the benchmark needs the reference data in {common.SHARED} (EXEMPLAR_SHARED_DATA)")
     tools = ["exemplar"] if args.skip_trl else ["exemplar", "trl"]
     if not args.skip_trl:
@@ -209,7 +242,7 @@ def main() -> None:
             f"- versions: python {info['machine']['python']}, "
             + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
             + "\n"
-            f"- model: Llama, {setup['params'] / 1e6:.1f}M parameters ({body / 1e6:.2f}M in the decoder's "
+            f"- model: {common.MODEL_TYPE}, {setup['params'] / 1e6:.1f}M parameters ({body / 1e6:.2f}M in the decoder's "
             f"matmuls + {head / 1e6:.2f}M in the output layer), random init; tokenizer {setup['tokenizer_size']} "
             f"tokens; max length {common.MAX_LENGTH}, {common.SEQS_PER_STEP} sequences a step, lr {common.LR}\n"
             f"- matmul ceiling (2048^3, all cores): fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} "
@@ -221,16 +254,14 @@ def main() -> None:
         if not args.skip_train:
             precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
             for precision in precisions:
-                runs = {}
-                for tool in tools:
-                    script = f"{tool}_side.py"
-                    runs[tool] = child(
-                        script, "train", str(workdir), "--steps", str(args.steps), "--precision", precision
-                    )
-                rows = train_rows(runs, rates)
-                results["train"][precision] = {"runs": runs, "rows": rows}
-                title = f"Training, {precision}" + (" (bf16 autocast)" if precision == "bf16" else "")
-                texts.append(print_train(f"{title}, {args.steps} steps", rows, args.steps))
+                for method in args.method:
+                    runs = train_pair(tools, workdir, args.steps, precision, method, args.preset)
+                    rows = train_rows(runs, rates)
+                    key = precision if method == "full" else f"{method}-{precision}"
+                    results["train"][key] = {"runs": runs, "rows": rows}
+                    title = f"Training, {precision}" + (" (bf16 autocast)" if precision == "bf16" else "")
+                    title += f", {method}" if method != "full" else ""
+                    texts.append(print_train(f"{title}, {args.steps} steps", rows, args.steps))
         if not args.skip_prep:
             for n in args.num_proc:
                 for tool in tools:

@@ -50,18 +50,29 @@ def _sft_config(workdir: Path, steps: int, precision: str, num_proc: int | None,
         logging_steps=1,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=common.DEVICE == "cpu",
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
 
 
-def _model(workdir: Path):
+def _model(workdir: Path, dtype: str = "fp32"):
     import torch
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        str(workdir / "model"), dtype=torch.float32, attn_implementation="sdpa"
+        str(workdir / "model"),
+        dtype=torch.bfloat16 if dtype == "bf16" else torch.float32,
+        attn_implementation="sdpa",
+    )
+
+
+def _lora_config():
+    """Exemplar's LoRA defaults (train.lora): r 16, alpha 32, no dropout, every linear layer."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
     )
 
 
@@ -85,7 +96,7 @@ class BatchCounter:
         self.trained += int((labels[:, 1:] != -100).sum())
 
 
-def train(workdir: Path, steps: int, precision: str) -> dict:
+def train(workdir: Path, steps: int, precision: str, method: str = "full") -> dict:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTTrainer
 
@@ -115,18 +126,22 @@ def train(workdir: Path, steps: int, precision: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(workdir / "tokenizer"))
     dataset = _dataset(workdir, "train.json")
     timer = Timer()
+    # LoRA: the frozen base in bf16 under bf16 training, as Exemplar stores it (full: fp32 masters).
+    lora = method == "lora"
     trainer = CountingSFTTrainer(
-        model=_model(workdir),
-        args=_sft_config(workdir, steps, precision, None, precision),
+        model=_model(workdir, precision if lora else "fp32"),
+        args=_sft_config(workdir, steps, precision, None, f"{method}-{precision}"),
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=[timer],
+        **({"peft_config": _lora_config()} if lora else {}),
     )
     trainer.train()
     lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
     return {
         "tool": "trl",
         "precision": precision,
+        "method": method,
         "steps": trainer.state.global_step,
         "wall_s": timer.end - timer.begin,
         "tokens": counter.tokens,
@@ -135,6 +150,7 @@ def train(workdir: Path, steps: int, precision: str) -> dict:
         "losses": timer.losses,
         "fill_ratio": sum(lengths) / (len(lengths) * common.MAX_LENGTH),
         "peak_rss_mb": common.peak_rss_mb(),
+        **common.peak_gpu(),
         "load": common.loadavg(),
     }
 
@@ -185,9 +201,9 @@ def prep(workdir: Path, num_proc: int) -> dict:
 
 def main() -> None:
     parser = common.side_parser()
-    args = parser.parse_args()
+    args = common.parse_side_args(parser)
     if args.what == "train":
-        common.emit(train(args.workdir, args.steps, args.precision))
+        common.emit(train(args.workdir, args.steps, args.precision, args.method))
     else:
         common.emit(prep(args.workdir, args.num_proc))
 
