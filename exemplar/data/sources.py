@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pydantic import ValidationError
+
 from exemplar.config import Config, DatasetSpec
 from exemplar.data.formats import check_columns, convert_rows
 from exemplar.data.readers import iter_rows, json_type
@@ -55,7 +57,10 @@ def sources(config: Config, split: Split, data: Any = None, data_format: str | N
         specs = config.data.train if split == "train" else config.data.eval or []
         return [Source(spec) for spec in specs]
     _check_memory_data(data, split)
-    spec = DatasetSpec(path=f"<{split}_data>", format=data_format or "auto")
+    try:
+        spec = DatasetSpec(path=f"<{split}_data>", format=data_format or "auto")
+    except ValidationError as e:  # an unknown format name
+        raise ConfigError(f"data_format: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     return [Source(spec, data)]
 
 
