@@ -180,6 +180,10 @@ def test_in_memory_errors_name_the_row_and_field(tmp_path):
     ]
     with pytest.raises(DataError, match="eval_data must be a list of row dicts"):
         exemplar.prepare_data(config_dict(tmp_path), train_data=ROWS, eval_data="dev.jsonl")
+    with pytest.raises(DataError, match=r"is a DatasetDict: pass one split, e.g. data\['train'\]"):
+        exemplar.prepare_data(
+            config_dict(tmp_path), train_data=datasets.DatasetDict(train=datasets.Dataset.from_list(ROWS))
+        )
     with pytest.raises(ConfigError, match="no training data"):
         exemplar.prepare_data(config_dict(tmp_path))
     with pytest.raises(ConfigError, match="unknown format 'qna'"):
