@@ -12,6 +12,7 @@ hand back to `prepare_data(config, train_data=...)` to be tokenized.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -75,14 +76,16 @@ def train_sources(config: Config, data: Any = None, data_format: str | None = No
 
 
 def _check_memory_data(data: Any, split: Split) -> None:
+    # A DatasetDict can only come from an imported `datasets`; looking there keeps this import-free.
+    hf = sys.modules.get("datasets")
+    if hf is not None and isinstance(data, (hf.DatasetDict, hf.IterableDatasetDict)):
+        raise DataError(f"{split}_data is a DatasetDict: pass one split, e.g. data['{split}']")
     if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
         hint = " (a file goes under `data.train` in the config)" if isinstance(data, str) else ""
         raise DataError(
             f"{split}_data must be a list of row dicts, a datasets.Dataset or an iterable of "
             f"conversations, got {type(data).__name__}{hint}"
         )
-    if hasattr(data, "keys") and hasattr(data, "column_names"):  # a DatasetDict
-        raise DataError(f"{split}_data is a DatasetDict: pass one split, e.g. data['{split}']")
 
 
 def memory_rows(data: Iterable[Any], label: str) -> Iterator[SourceRow | RowError]:
