@@ -204,7 +204,7 @@ def to_example(source: SourceRow, fmt: str, columns: Mapping[str, str] | None = 
     system, tools, instruction, input, output, history, prompt, completion, text, input_ids,
     labels. Mappable keys inside each message or ShareGPT turn: role and content (defaults
     role/content for OpenAI messages, from/value for ShareGPT). Other message keys
-    (tool_calls, train, weight, name, tool_call_id) keep their OpenAI names.
+    (tool_calls, reasoning_content, train, weight, name, tool_call_id) keep their OpenAI names.
 
     Raises RowError naming the field path (in the file's names) of the first problem.
     """

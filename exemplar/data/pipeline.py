@@ -251,11 +251,13 @@ def _encode_rows(source: Source, encoder: Encoder, path: str, config: Config, pr
         if len(rows) >= _PARALLEL_MIN_ROWS:
             return _encode_in_workers(encoder, rows, spec, num_proc, progress, desc)
     with tqdm(desc=desc, unit=" examples", disable=not progress) as bar:
-        return _encode_converted(encoder, convert_rows(rows, spec, {}), bar.update)
+        return encode_examples(encoder, convert_rows(rows, spec, {}), bar.update)
 
 
-def _encode_converted(encoder: Encoder, converted, on_batch=None):
-    """Encode the examples of `convert_rows` output; (columns, where, problems)."""
+def encode_examples(encoder: Encoder, converted, on_batch=None):
+    """The conversation-level seam: (source, example) pairs, or RowErrors in their place, as
+    `formats.convert_rows` yields them, in; token columns out: (columns, where, problems).
+    A stage that reads or edits conversations (curation) sits between the two."""
     where: list[tuple[str, str]] = []
     problems: list[RowError] = []
 
@@ -373,7 +375,7 @@ def _encode_shard(job):
     else:
         encoder, rows, spec, extra = work
         install(extra)
-    return _encode_converted(encoder, convert_rows(rows[start:end], spec, dict(known)))
+    return encode_examples(encoder, convert_rows(rows[start:end], spec, dict(known)))
 
 
 def _shared_in_child():

@@ -12,6 +12,7 @@ hand back to `prepare_data(config, train_data=...)` to be tokenized.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from exemplar.data.readers import iter_rows, json_type
 from exemplar.data.records import source_of, to_record
 from exemplar.data.schema import Conversation, Example, SourceRow, TextDocument, TokenizedExample
 from exemplar.errors import ConfigError, DataError, RowError
+
+log = logging.getLogger(__name__)
 
 Split = Literal["train", "eval"]
 EXAMPLE_TYPES = (Conversation, TextDocument, TokenizedExample)
@@ -54,10 +57,12 @@ class Source:
 def sources(config: Config, split: Split, data: Any = None, data_format: str | None = None) -> list[Source]:
     """The datasets of a split: the in-memory `data` when given (it replaces the config's
     entries for that split), else the config's `data.train` / `data.eval` entries."""
+    specs = config.data.train if split == "train" else config.data.eval or []
     if data is None:
-        specs = config.data.train if split == "train" else config.data.eval or []
         return [Source(spec) for spec in specs]
     _check_memory_data(data, split)
+    if specs:
+        log.info("%s_data given: the config's data.%s entries are not used", split, split)
     try:
         spec = DatasetSpec(path=f"<{split}_data>", format=data_format or "auto")
     except ValidationError as e:  # an unknown format name
