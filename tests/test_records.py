@@ -5,6 +5,8 @@ points at the row that `exemplar data validate` would name."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -336,3 +338,11 @@ def test_convert_without_datasets_is_a_clear_error(tmp_path, capsys):
     assert main(["data", "convert", str(path), "--out", str(tmp_path / "r.jsonl")]) == 2
     assert "no datasets under data.train" in capsys.readouterr().err
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_the_readme_record_example_is_a_record():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Conversation records") :]
+    record = json.loads(re.search(r"```json\n(.*?)```", section, flags=re.S).group(1))
+    example = to_example(SourceRow("README.md", "line 1", 0, record), "auto")
+    assert to_record(example) == record
