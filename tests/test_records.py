@@ -300,7 +300,14 @@ def test_random_conversations_survive_the_record_round_trip(row):
 
 
 @pytest.mark.parametrize(
-    "name", ["alpaca_en_demo.json", "glaive_toolcall_en_demo.json", "identity.json", "c4_demo.jsonl"]
+    "name",
+    [
+        "alpaca_en_demo.json",
+        "glaive_toolcall_en_demo.json",
+        "identity.json",
+        "c4_demo.jsonl",
+        "wiki_demo.txt",
+    ],
 )
 def test_real_data_round_trips_through_records(tmp_path, bundle, shared_data, name):
     records = assert_round_trip(tmp_path, shared_data / name, bundle)

@@ -183,3 +183,30 @@ def test_registered_format_in_worker_processes_matches_one_process(tmp_path, bun
     workers = config(tmp_path, path, num_proc=2, format="qa_in_workers")
     two = exemplar.prepare_data(workers, bundle=bundle, progress=False)
     assert len(one.train) == 4200 and tokens(two) == tokens(one)
+
+
+def self_instruct(row):
+    """The self-instruct seed tasks: an instruction with instances of input and output."""
+    instance = row["instances"][0]
+    prompt = f"{row['instruction']}\n\n{instance['input']}".strip()
+    return {
+        "messages": [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": instance["output"]},
+        ]
+    }
+
+
+def test_a_registered_format_reads_real_data_and_round_trips_through_records(tmp_path, bundle, shared_data):
+    from exemplar.data.convert import convert
+
+    exemplar.register_format("self_instruct", self_instruct)
+    original = config(tmp_path, shared_data / "seed_tasks.jsonl", format="self_instruct")
+    prepared = exemplar.prepare_data(original, bundle=bundle, progress=False)
+    assert prepared.reports[0].rows == 175 and not prepared.reports[0].cached
+    result = convert(original, tmp_path / "records.jsonl")
+    assert result.ok and result.written == 175
+    from_records = exemplar.prepare_data(
+        config(tmp_path, tmp_path / "records.jsonl"), bundle=bundle, progress=False
+    )
+    assert tokens(from_records) == tokens(prepared)
