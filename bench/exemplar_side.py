@@ -75,7 +75,7 @@ def train(workdir: Path, steps: int, precision: str, method: str = "full") -> di
         data.train,
         None,
         progress=False,
-        callbacks=[lambda event, row: losses.append(row["loss"]) if event == "step" else None],
+        callbacks=[lambda event, row: losses.append(row["loss"]) if event == "step_end" else None],
     )
     # The documents of the steps that ran (the loop's own plan), for the attention FLOPs.
     lengths = example_lengths(data.train)

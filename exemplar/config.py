@@ -6,7 +6,9 @@ Unknown keys are errors that name the key and suggest the nearest known one, bec
 
 from __future__ import annotations
 
+import copy
 import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,18 +37,30 @@ class ModelConfig(_Strict):
 
 class DatasetSpec(_Strict):
     path: str  # file, folder (saved HF dataset or folder of files), or Hub dataset id
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokenized"] = (
-        "auto"
-    )
+    # auto, a built-in format, or a name registered with `exemplar.register_format`.
+    format: str = "auto"
     weight: float = Field(1.0, gt=0)  # examples per epoch = weight x rows (seeded subsample when < 1)
     columns: dict[str, str] = Field(default_factory=dict)  # canonical field -> field name in this file
     split: str = "train"  # for Hub ids and DatasetDict folders
     name: str | None = None  # Hub dataset config name
     file_type: Literal["auto", "json", "jsonl", "parquet", "csv", "arrow"] = "auto"
 
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        from exemplar.data.formats import CONVERTERS  # the registry; imports this module
+
+        if value != "auto" and value not in CONVERTERS:
+            raise ValueError(
+                f"unknown format '{value}'; expected auto or one of: {', '.join(CONVERTERS)} "
+                "(a format of your own must be registered with exemplar.register_format first)"
+            )
+        return value
+
 
 class DataConfig(_Strict):
-    train: list[DatasetSpec]
+    # May be empty when the rows are given in memory (exemplar.finetune(config, train_data=...)).
+    train: list[DatasetSpec] = Field(default_factory=list)
     eval: list[DatasetSpec] | None = None
     eval_fraction: float = Field(0.0, ge=0, lt=1)  # held out from train when eval is not given
     num_proc: int | None = None  # preprocessing processes; None: min(cores, 8)
@@ -122,7 +136,7 @@ class Config(_Strict):
     tokenizer: str | None = None  # defaults to model.path
     chat_template: str | None = None  # built-in name, Jinja file, or None for the tokenizer's own
     special_tokens: list[str] = Field(default_factory=list)  # extra special tokens to add
-    data: DataConfig
+    data: DataConfig = Field(default_factory=DataConfig)
     mask: MaskConfig = Field(default_factory=MaskConfig)
     max_length: int = Field(2048, gt=1)
     truncation: Literal["drop", "truncate"] = "drop"
@@ -153,11 +167,19 @@ class Config(_Strict):
 # Loading, overrides, and error messages
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **mapping: Any) -> Config:
-    """Load a YAML config file (or a mapping), apply `a.b=value` overrides, and validate."""
+def load_config(
+    path: str | Path | Mapping[str, Any] | None = None, overrides: list[str] | None = None, **mapping: Any
+) -> Config:
+    """Load a YAML config file, or a config given as a mapping, apply `a.b=value` overrides, and validate.
+
+    Keyword arguments set top-level keys (`load_config("run.yaml", output_dir="runs/x")`).
+    Relative paths in a mapping are resolved from the working directory, in a file from its folder.
+    """
     raw: dict[str, Any] = {}
     base_dir = None
-    if path is not None:
+    if isinstance(path, Mapping):
+        raw, path = copy.deepcopy(dict(path)), None
+    elif path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")

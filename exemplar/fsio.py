@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 # The process umask, read once at import (reading it means setting it, which would race with
 # other threads if done per write).
@@ -50,6 +52,29 @@ def atomic_write_json(
     """JSON (indented, UTF-8, trailing newline) written atomically."""
     text = json.dumps(data, indent=2, sort_keys=sort_keys, ensure_ascii=False, allow_nan=allow_nan)
     return atomic_write_text(path, text + "\n")
+
+
+@contextmanager
+def atomic_text_writer(path: str | Path) -> Iterator[IO[str]]:
+    """A UTF-8 text file written as a stream, with the guarantees of `atomic_write_bytes`.
+
+    For outputs too large to build in memory first (a converted dataset): the caller writes to
+    the yielded file, which is a temporary sibling renamed over `path` when the block ends
+    without an exception (and removed when it raises)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_name, 0o666 & ~_UMASK)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def fsync_file(path: str | Path) -> None:

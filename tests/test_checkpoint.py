@@ -116,7 +116,7 @@ SCRIPT = textwrap.dedent(
             "train.max_steps=9", "train.save_every=2", "train.keep_last=2", "train.eval_every=4",
         )
         def slow(event, row):
-            if event == "step" and slow_after is not None and row["step"] >= slow_after:
+            if event == "step_end" and slow_after is not None and row["step"] >= slow_after:
                 time.sleep(0.5)  # leave the killer time to strike mid-run
         model = tiny_model("gpt2")  # dropout: the resumed run must restore the RNG too
         return run_training(
@@ -153,7 +153,7 @@ def test_resume_after_a_crash_gives_the_same_losses(tmp_path):
     reference = script["main"](tmp_path / "ref")
 
     def crash(event, row):
-        if event == "step" and row["step"] == 5:
+        if event == "step_end" and row["step"] == 5:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from exemplar.fsio import atomic_write_json, atomic_write_text
+from exemplar.fsio import atomic_text_writer, atomic_write_json, atomic_write_text
 
 
 def test_write_replaces_whole_file_and_leaves_no_temporary(tmp_path):
@@ -39,3 +39,17 @@ def test_failed_write_keeps_old_content(tmp_path):
         atomic_write_json(target, {"bad": object()})
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_streamed_text_writer_publishes_only_a_complete_file(tmp_path):
+    target = tmp_path / "records.jsonl"
+    with atomic_text_writer(target) as f:
+        f.write("one\n")
+        assert not target.exists()  # nothing visible while the stream is being written
+        f.write("two é\n")
+    assert target.read_text(encoding="utf-8") == "one\ntwo é\n"
+    with pytest.raises(RuntimeError), atomic_text_writer(target) as f:
+        f.write("half")
+        raise RuntimeError("crash mid-stream")
+    assert target.read_text(encoding="utf-8") == "one\ntwo é\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["records.jsonl"]

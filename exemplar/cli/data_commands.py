@@ -1,4 +1,4 @@
-"""`exemplar data preview | validate | stats`."""
+"""`exemplar data preview | validate | stats | convert`."""
 
 from __future__ import annotations
 
@@ -29,11 +29,23 @@ def register(commands: argparse._SubParsersAction) -> None:
     stats.add_argument("--json", action="store_true", help="print the statistics as JSON")
     stats.set_defaults(handler=run_stats)
 
+    convert = verbs.add_parser("convert", help="write the datasets as conversation records (JSONL)")
+    add_config_arguments(convert)
+    convert.add_argument("--out", required=True, metavar="FILE.jsonl", help="the record file to write")
+    convert.add_argument(
+        "--split", choices=("train", "eval"), default="train", help="which datasets (default: train)"
+    )
+    convert.set_defaults(handler=run_convert)
+
 
 def _config(args: argparse.Namespace):
     from exemplar.config import load_config
+    from exemplar.errors import ConfigError
 
-    return load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides)
+    if not config.data.train:
+        raise ConfigError(f"{args.config}: no datasets under data.train")
+    return config
 
 
 def run_preview(args: argparse.Namespace) -> int:
@@ -68,3 +80,14 @@ def run_stats(args: argparse.Namespace) -> int:
     stats = compute_stats(_config(args), progress=not args.json)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from exemplar.data.convert import convert
+
+    result = convert(_config(args), args.out, args.split)
+    for problem in result.problems:
+        print(problem, file=sys.stderr)
+    invalid = f", {len(result.problems)} invalid rows not written" if result.problems else ""
+    print(f"{result.rows} rows read, {result.written} records written to {result.path}{invalid}")
+    return 0 if result.ok else 1

@@ -10,6 +10,10 @@ Formats (see `detect_format` for how "auto" decides):
 - "text": `{"text"}` for continued pre-training
 - "tokenized": `{"input_ids", "labels"?}`
 
+`CONVERTERS` is the format registry: the built-in formats are its first entries, and
+`exemplar.register_format` (data/registry.py) adds a user's own. A row's `meta` object (the
+provenance that conversation records carry, see data/records.py) is kept on the example.
+
 Every problem raises `RowError(file, location, field, message)` whose field is a precise path
 in the user's own names (e.g. "chat[2].content" when `columns: {messages: chat}`), because the
 point of the message is to let someone open the file and fix that exact spot.
@@ -200,17 +204,21 @@ def to_example(source: SourceRow, fmt: str, columns: Mapping[str, str] | None = 
     system, tools, instruction, input, output, history, prompt, completion, text, input_ids,
     labels. Mappable keys inside each message or ShareGPT turn: role and content (defaults
     role/content for OpenAI messages, from/value for ShareGPT). Other message keys
-    (tool_calls, train, weight, name, tool_call_id) keep their OpenAI names.
+    (tool_calls, reasoning_content, train, weight, name, tool_call_id) keep their OpenAI names.
 
     Raises RowError naming the field path (in the file's names) of the first problem.
     """
     names = _Names(columns) if columns else _NO_COLUMNS
     if fmt == "auto":
         fmt = detect_format(source.data, names.columns, source=source)
-    converter = _CONVERTERS.get(fmt)
+    converter = CONVERTERS.get(fmt)
     if converter is None:
-        raise DataError(f"unknown format '{fmt}'; expected auto or one of: {', '.join(FORMATS)}")
-    return converter(_Ctx(source, names))
+        raise DataError(f"unknown format '{fmt}'; expected auto or one of: {', '.join(CONVERTERS)}")
+    example = converter(_Ctx(source, names))
+    meta = source.data.get("meta")
+    if example.meta is None and isinstance(meta, Mapping):
+        example.meta = dict(meta)
+    return example
 
 
 def _messages(ctx: _Ctx) -> Conversation:
@@ -241,6 +249,13 @@ def _openai_message(ctx: _Ctx, path: str, message: Any, role_key: str, content_k
     tool_calls = _tool_calls(ctx, f"{path}.tool_calls", calls)
     content = _content(ctx, f"{path}.{content_key}", message.get(content_key), role, bool(tool_calls))
     msg = Message(role=role, content=content, tool_calls=tool_calls, train=_train_flag(ctx, path, message))
+    reasoning = message.get("reasoning_content")
+    if reasoning is not None:
+        if role != "assistant":
+            raise ctx.error(
+                f"{path}.reasoning_content", f"only assistant messages have reasoning, not '{role}'"
+            )
+        msg.reasoning_content = _require_str(ctx, f"{path}.reasoning_content", reasoning)
     if role == "tool":
         msg.name = _optional_str(ctx, f"{path}.name", message.get("name"))
         msg.tool_call_id = _optional_str(ctx, f"{path}.tool_call_id", message.get("tool_call_id"))
@@ -583,7 +598,8 @@ def _optional_str(ctx: _Ctx, path: str, value: Any) -> str | None:
     return None if value is None else _require_str(ctx, path, value)
 
 
-_CONVERTERS: dict[str, Callable[[_Ctx], Example]] = {
+# The format registry: name -> converter of one row. `exemplar.register_format` adds to it.
+CONVERTERS: dict[str, Callable[[_Ctx], Example]] = {
     "messages": _messages,
     "sharegpt": _sharegpt,
     "alpaca": _alpaca,

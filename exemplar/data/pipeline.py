@@ -4,6 +4,12 @@ Each dataset is encoded on its own and cached on disk under a fingerprint of its
 contents, the tokenizer, the template and every option that changes the result, so a second or
 resumed run loads Arrow files instead of tokenizing again, and any changed option misses the
 cache. Nothing is dropped silently: every dropped row is counted by reason in the report.
+
+Two kinds of dataset are never cached, because nothing cheap and reliable identifies their
+result: data given in memory (no file bytes to hash; a generator can be read only once, and a
+`datasets.Dataset` has no public content fingerprint), and files read through a format
+registered with `exemplar.register_format` (its converter is arbitrary code, closures included).
+Write such rows to a file (`exemplar data convert`) to have them cached.
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from exemplar.config import Config, DatasetSpec
+from exemplar.config import Config, DatasetSpec, load_config
 from exemplar.data.encode import Encoder
-from exemplar.data.formats import check_columns, convert_rows, format_decisions
+from exemplar.data.formats import CONVERTERS, convert_rows, format_decisions
 from exemplar.data.masking import ChatMasker
-from exemplar.data.readers import iter_rows
+from exemplar.data.registry import UserFormat, install, user_formats
+from exemplar.data.sources import Source, sources, train_sources
 from exemplar.data.tokenizer import TokenizerBundle, load_tokenizer
 from exemplar.errors import DataError, RowError
 
@@ -100,27 +107,47 @@ def build_encoder(config: Config, bundle: TokenizerBundle, masker: ChatMasker) -
 
 
 def prepare_data(
-    config: Config, bundle: TokenizerBundle | None = None, use_cache: bool = True, progress: bool = True
+    config: Config | str | Path | dict[str, Any],
+    bundle: TokenizerBundle | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+    *,
+    train_data: Any = None,
+    eval_data: Any = None,
+    data_format: str | None = None,
+    tokenizer: Any = None,
 ) -> PreparedData:
-    """Encode every train and eval dataset, apply weights and the held-out fraction."""
+    """Encode every train and eval dataset, apply weights and the held-out fraction.
+
+    `config` is a `Config`, or a YAML path or mapping for `load_config`. `train_data` /
+    `eval_data` (rows in memory: row dicts of any format, a `datasets.Dataset`, or conversations)
+    replace the config's `data.train` / `data.eval`; `data_format` names their format (detected
+    from the first row when omitted). The config's other data options apply to them as to files
+    (eval_fraction, num_proc). `tokenizer`: an already loaded fast tokenizer to use instead of
+    the config's (it gets the config's chat template and special tokens).
+    """
     from datasets import concatenate_datasets
 
-    bundle = bundle or load_tokenizer(config)
+    if not isinstance(config, Config):
+        config = load_config(config)
+    bundle = bundle or load_tokenizer(config, tokenizer)
     masker = build_masker(config, bundle)
     encoder = build_encoder(config, bundle, masker)
     reports, train_parts, eval_parts = [], [], []
-    for spec in config.data.train:
-        ds, report = encode_source(spec, config, bundle, encoder, use_cache, progress)
+    eval_sources = sources(config, "eval", eval_data, data_format)
+    held_out = not eval_sources and eval_data is None and config.data.eval_fraction > 0
+    for source in train_sources(config, train_data, data_format):
+        ds, report = encode_source(source, config, bundle, encoder, use_cache, progress)
         reports.append(report)
-        if config.data.eval is None and config.data.eval_fraction > 0 and len(ds) > 1:
+        if held_out and len(ds) > 1:
             split = ds.train_test_split(
                 test_size=config.data.eval_fraction, seed=config.train.seed, shuffle=True
             )
             ds = split["train"]
             eval_parts.append(split["test"])
-        train_parts.append(_apply_weight(ds, spec.weight, config.train.seed))
-    for spec in config.data.eval or []:
-        ds, report = encode_source(spec, config, bundle, encoder, use_cache, progress)
+        train_parts.append(_apply_weight(ds, source.spec.weight, config.train.seed))
+    for source in eval_sources:
+        ds, report = encode_source(source, config, bundle, encoder, use_cache, progress)
         reports.append(report)
         eval_parts.append(ds)
     train = concatenate_datasets(train_parts) if len(train_parts) > 1 else train_parts[0]
@@ -153,17 +180,21 @@ def _report_text(reports: list[SourceReport]) -> str:
 
 
 def encode_source(
-    spec: DatasetSpec,
+    source: Source | DatasetSpec,
     config: Config,
     bundle: TokenizerBundle,
     encoder: Encoder,
     use_cache: bool = True,
     progress: bool = True,
 ) -> tuple[Any, SourceReport]:
+    """One dataset (a config entry, or a `Source` with rows in memory) as token rows + report."""
     from datasets import load_from_disk
 
-    path = config.resolve_path(spec.path)
-    key = cache_key(spec, path, config, bundle)
+    source = source if isinstance(source, Source) else Source(source)
+    spec, path = source.spec, source.label(config)
+    use_cache = use_cache and cacheable(source)
+    # Uncached data gets a fresh fingerprint: nothing known about it identifies its content.
+    key = cache_key(spec, path, config, bundle) if cacheable(source) else uuid.uuid4().hex
     folder = cache_root(config) / key
     if use_cache and (folder / "report.json").is_file():
         report = SourceReport(**json.loads((folder / "report.json").read_text()))
@@ -171,14 +202,12 @@ def encode_source(
         return load_from_disk(str(folder / "data")), report
 
     with cyclic_gc_paused():
-        columns, where, problems = _encode_rows(spec, encoder, path, config, progress)
+        columns, where, problems = _encode_rows(source, encoder, path, config, progress)
     if problems:
         shown = "\n".join(f"  {p}" for p in problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise DataError(
-            f"{len(problems)} invalid rows in {path} (run `exemplar data validate` to list them all):\n{shown}{more}",
-            problems,
-        )
+        hint = "" if source.in_memory else " (run `exemplar data validate` to list them all)"
+        raise DataError(f"{len(problems)} invalid rows in {path}{hint}:\n{shown}{more}", problems)
     ds, report = _dataset(columns, where, path, fingerprint=key)
     if use_cache:
         _write_cache(folder, ds, report)
@@ -200,7 +229,12 @@ def cyclic_gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _encode_rows(spec: DatasetSpec, encoder: Encoder, path: str, config: Config, progress: bool):
+def cacheable(source: Source) -> bool:
+    """Whether the result can be found again by a fingerprint (see the module docstring)."""
+    return not source.in_memory and not isinstance(CONVERTERS.get(source.spec.format), UserFormat)
+
+
+def _encode_rows(source: Source, encoder: Encoder, path: str, config: Config, progress: bool):
     """Read, convert and encode every row: (columns, (file, location) per example, problems).
 
     One process: rows stream from the file through conversion and rendering while the tokenizer
@@ -210,18 +244,20 @@ def _encode_rows(spec: DatasetSpec, encoder: Encoder, path: str, config: Config,
     """
     num_proc = config.data.num_proc or min(os.cpu_count() or 1, 8)
     desc = f"Tokenizing {Path(path).name}"
-    check_columns(spec.columns)
-    rows: Any = iter_rows(spec, resolve=config.resolve_path)
+    spec = source.spec
+    rows: Any = source.read(config)
     if num_proc > 1:
         rows = list(rows)
         if len(rows) >= _PARALLEL_MIN_ROWS:
             return _encode_in_workers(encoder, rows, spec, num_proc, progress, desc)
     with tqdm(desc=desc, unit=" examples", disable=not progress) as bar:
-        return _encode_converted(encoder, convert_rows(rows, spec, {}), bar.update)
+        return encode_examples(encoder, convert_rows(rows, spec, {}), bar.update)
 
 
-def _encode_converted(encoder: Encoder, converted, on_batch=None):
-    """Encode the examples of `convert_rows` output; (columns, where, problems)."""
+def encode_examples(encoder: Encoder, converted, on_batch=None):
+    """The conversation-level seam: (source, example) pairs, or RowErrors in their place, as
+    `formats.convert_rows` yields them, in; token columns out: (columns, where, problems).
+    A stage that reads or edits conversations (curation) sits between the two."""
     where: list[tuple[str, str]] = []
     problems: list[RowError] = []
 
@@ -310,7 +346,9 @@ def _encode_in_workers(
             jobs = [(None, a, b, known) for a, b, known in shards]
         else:
             pool = mp.get_context("spawn").Pool(num_proc)
-            jobs = [((encoder, rows[a:b], spec), 0, b - a, known) for a, b, known in shards]
+            # Spawned workers start with the built-in formats only: send the registered ones.
+            extra = user_formats()
+            jobs = [((encoder, rows[a:b], spec, extra), 0, b - a, known) for a, b, known in shards]
     finally:
         _SHARED = None
         if saved is None:
@@ -332,8 +370,12 @@ def _encode_in_workers(
 
 def _encode_shard(job):
     work, start, end, known = job
-    encoder, rows, spec = work if work is not None else _shared_in_child()
-    return _encode_converted(encoder, convert_rows(rows[start:end], spec, dict(known)))
+    if work is None:
+        encoder, rows, spec = _shared_in_child()
+    else:
+        encoder, rows, spec, extra = work
+        install(extra)
+    return encode_examples(encoder, convert_rows(rows[start:end], spec, dict(known)))
 
 
 def _shared_in_child():

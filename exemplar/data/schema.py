@@ -24,6 +24,9 @@ class Message:
     train: bool | None = None
     name: str | None = None  # tool name for role == "tool" (optional)
     tool_call_id: str | None = None
+    # An assistant message's reasoning ("thinking") text, as OpenAI-compatible servers return it.
+    # Carried through conversion and records; chat templates do not receive it yet.
+    reasoning_content: str | None = None
 
     def to_template_dict(self) -> dict[str, Any]:
         """The message as chat templates expect it (the keys transformers passes)."""
@@ -41,6 +44,8 @@ class Message:
 class Conversation:
     messages: list[Message]
     tools: list[dict[str, Any]] | None = None  # JSON schemas, passed to the template as `tools`
+    # Provenance and curation notes (`source`, later `scores`, `removed_by`, ...); never tokenized.
+    meta: dict[str, Any] | None = None
 
 
 @dataclass
@@ -48,6 +53,7 @@ class TextDocument:
     """Plain text for continued pre-training: every token is trained."""
 
     text: str
+    meta: dict[str, Any] | None = None
 
 
 @dataclass
@@ -56,6 +62,7 @@ class TokenizedExample:
 
     input_ids: list[int]
     labels: list[int] | None = None
+    meta: dict[str, Any] | None = None
 
 
 Example = Conversation | TextDocument | TokenizedExample

@@ -42,9 +42,15 @@ class TokenizerBundle:
         return h.hexdigest()[:16]
 
 
-def load_tokenizer(config: Config) -> TokenizerBundle:
+def load_tokenizer(config: Config, tokenizer: Any = None) -> TokenizerBundle:
+    """The config's tokenizer, with its chat template and special tokens; or, when `tokenizer` (an
+    already loaded fast tokenizer) is given, that one prepared the same way instead of loading."""
     from transformers import AutoTokenizer
 
+    if tokenizer is not None:
+        return prepare_tokenizer(
+            tokenizer, config.chat_template and _template_path(config), config.special_tokens
+        )
     source = config.tokenizer_source()
     trust = bool(config.model and config.model.trust_remote_code)
     try:

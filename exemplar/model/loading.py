@@ -50,6 +50,19 @@ def load_model(
         device=target,
         token_ids=special_token_ids(tokenizer),
     )
+    return prepare_model(model, train_cfg, tokenizer, target)
+
+
+def prepare_model(
+    model: PreTrainedModel,
+    train_cfg: TrainConfig,
+    tokenizer: Any,
+    device: str | torch.device | None = None,
+) -> torch.nn.Module:
+    """Make a loaded transformers model ready for `train_cfg.method`: embeddings fitted to the
+    tokenizer, pad/eos ids set, moved to `device` (None: CUDA when available), LoRA applied.
+    `load_model` ends here; `exemplar.finetune(model=...)` starts here with the user's model."""
+    target = torch.device(device) if device is not None else _default_device()
     added = fit_embeddings_to_tokenizer(model, tokenizer)
     set_special_token_ids(model, tokenizer)
     if train_cfg.method == "full":

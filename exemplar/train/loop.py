@@ -49,7 +49,8 @@ from exemplar.train.schedule import build_optimizer, lr_at, schedule_state, set_
 
 log = logging.getLogger(__name__)
 
-Callback = Callable[[str, dict[str, Any]], None]  # (event: "step" | "eval" | "save" | "end", payload)
+# callback(event, payload), event one of "step_end", "eval", "checkpoint", "end".
+Callback = Callable[[str, dict[str, Any]], None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,8 +246,8 @@ def run_training(
     Writes OUTPUT/metrics.jsonl, OUTPUT/checkpoints/step-N/ and OUTPUT/train_summary.json.
     With `resume`, continues from the newest complete checkpoint in OUTPUT (if there is one);
     without it, refuses an OUTPUT that already holds checkpoints. `callbacks` are called as
-    callback(event, payload) for the events "step", "eval", "save" and "end". `progress` shows the
-    tqdm bar. The model is left trained, in eval mode.
+    callback(event, payload) for the events "step_end", "eval", "checkpoint" and "end". `progress`
+    shows the tqdm bar. The model is left trained, in eval mode.
 
     Under torchrun with several ranks every rank calls this with the same arguments; the model is
     then left wrapped (FSDP2: sharded; `distributed.model_for_export` gathers it). Only rank 0
@@ -322,7 +323,7 @@ def run_training(
         keep = {state.best_step} if train.keep_best and state.best_step is not None else set()
         if world.is_main:
             prune_checkpoints(ckpt_root, train.keep_last, keep)
-        _emit(callbacks, "save", {"step": state.step, "path": str(path)})
+        _emit(callbacks, "checkpoint", {"step": state.step, "path": str(path)})
 
     def run_eval() -> None:
         result = evaluate(evaluator, eval_batches(), autocast, world)
@@ -362,7 +363,7 @@ def run_training(
             _account(state, result, seconds)
             row = _step_row(state, epoch, plan, result, lr, seconds)
             logger.log_step(row, write=state.step % train.log_every == 0 or state.step == total_steps)
-            _emit(callbacks, "step", row)
+            _emit(callbacks, "step_end", row)
             if eval_batches and train.eval_every and state.step % train.eval_every == 0:
                 run_eval()
             if (
