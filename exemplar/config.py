@@ -17,7 +17,8 @@ from exemplar.errors import ConfigError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # No NaN or infinity in any number: `lr: .inf` or `adam_eps: .nan` is refused at load.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -91,9 +92,9 @@ class TrainConfig(_Strict):
     warmup_steps: int | None = Field(None, ge=0)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)  # 0 divides by zero where a second moment is 0: NaN weights
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 0
     save_every: int | None = Field(None, gt=0)
