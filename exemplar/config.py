@@ -96,6 +96,7 @@ class TrainConfig(_Strict):
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_eps: float = Field(1e-8, gt=0)  # 0 divides by zero where a second moment is 0: NaN weights
     max_grad_norm: float | None = Field(1.0, gt=0)
+    max_nonfinite_in_a_row: int = Field(5, gt=0)  # steps with a NaN/inf loss or gradient before the run stops
     seed: int = 0
     save_every: int | None = Field(None, gt=0)
     keep_last: int = Field(2, gt=0)
