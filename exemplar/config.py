@@ -24,7 +24,8 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     path: str | None = None  # local folder or Hub id
     from_config: str | dict[str, Any] | None = None  # config.json path or mapping with model_type
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run Python code shipped with a model (off: nothing from a model runs)
+    allow_pickle_weights: bool = False  # load .bin (pickle) weights when a folder has no safetensors
     attn_implementation: str | None = None  # None: sdpa where supported
 
     @model_validator(mode="after")
