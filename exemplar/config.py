@@ -19,13 +19,15 @@ from exemplar.errors import ConfigError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # No NaN or infinity in any number: `lr: .inf` or `adam_eps: .nan` is refused at load.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
     path: str | None = None  # local folder or Hub id
     from_config: str | dict[str, Any] | None = None  # config.json path or mapping with model_type
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run Python code shipped with a model (off: nothing from a model runs)
+    allow_pickle_weights: bool = False  # load .bin (pickle) weights when a folder has no safetensors
     attn_implementation: str | None = None  # None: sdpa where supported
 
     @model_validator(mode="after")
@@ -105,10 +107,11 @@ class TrainConfig(_Strict):
     warmup_steps: int | None = Field(None, ge=0)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)  # 0 divides by zero where a second moment is 0: NaN weights
     max_grad_norm: float | None = Field(1.0, gt=0)
+    max_nonfinite_in_a_row: int = Field(5, gt=0)  # steps with a NaN/inf loss or gradient before the run stops
     seed: int = 0
     save_every: int | None = Field(None, gt=0)
     keep_last: int = Field(2, gt=0)

@@ -77,6 +77,16 @@ def atomic_text_writer(path: str | Path) -> Iterator[IO[str]]:
     fsync_dir(path.parent)
 
 
+def temp_dir_beside(final: str | Path, tag: str = "tmp") -> Path:
+    """A new empty hidden folder next to `final`, with the mode a plain mkdir gives. (mkdtemp makes
+    it 0700: a model folder renamed from it would be unreadable by other users and services.)"""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{tag}-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    return tmp
+
+
 def fsync_file(path: str | Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())

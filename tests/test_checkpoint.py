@@ -18,6 +18,7 @@ import torch
 
 from exemplar.errors import ExemplarError
 from exemplar.train.checkpoint import (
+    _write_manifest,
     latest_checkpoint,
     list_checkpoints,
     load_trainable_state_dict,
@@ -70,8 +71,9 @@ def test_loading_weights_of_another_model_fails(tmp_path):
 
 def _fake_checkpoint(root: Path, name: str, complete: bool = True) -> None:
     (root / name).mkdir(parents=True)
+    (root / name / "trainer_state.json").write_text("{}")
     if complete:
-        (root / name / "trainer_state.json").write_text("{}")
+        _write_manifest(root / name)
 
 
 def test_only_complete_checkpoints_count(tmp_path):

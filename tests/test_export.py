@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -74,6 +75,11 @@ def test_full_model_export_loads_with_plain_transformers_and_stops(tokenizer, im
     folder = tmp_path / "model"
     assert written == {"model": folder}
     assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.bin"))
+    # Readable by other users and services (vLLM, a serving account), like any folder made under
+    # the umask; a folder made by mkdtemp would be 0700.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
 
     loaded = AutoModelForCausalLM.from_pretrained(folder)
     loaded_tokenizer = AutoTokenizer.from_pretrained(folder)

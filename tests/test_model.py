@@ -113,15 +113,19 @@ def test_pad_and_eos_ids_are_filled_from_the_tokenizer(tokenizer):
     assert model.generation_config.pad_token_id == tokenizer.pad_token_id
 
 
-def test_bin_only_folder_loads_with_a_warning(tokenizer, tmp_path):
+def test_bin_only_folder_is_refused_unless_the_config_allows_pickles(tokenizer, tmp_path):
     model = load_model(
         ModelConfig(from_config=tiny("llama", len(tokenizer))), cpu_train(), tokenizer, device="cpu"
     )
     folder = tmp_path / "bin_only"
     model.config.save_pretrained(folder)
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="only .bin .pickle. weights.*allow_pickle_weights"):
+        load_model(ModelConfig(path=str(folder)), cpu_train(), tokenizer, device="cpu")
     with pytest.warns(UserWarning, match="pickle"):
-        loaded = load_model(ModelConfig(path=str(folder)), cpu_train(), tokenizer, device="cpu")
+        loaded = load_model(
+            ModelConfig(path=str(folder), allow_pickle_weights=True), cpu_train(), tokenizer, device="cpu"
+        )
     ids = tokenizer.encode("hello")
     torch.testing.assert_close(forward_logits(model, ids), forward_logits(loaded, ids))
 

@@ -279,8 +279,8 @@ def test_real_text_and_jsonl_files(shared_data):
     assert len(c4) == 300 and all(isinstance(r.data["text"], str) for r in c4)
 
 
-def test_non_utf8_text_is_a_data_error(tmp_path):
+def test_non_utf8_text_names_the_line_and_column(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin1\.jsonl: not UTF-8 text"):
+    with pytest.raises(RowError, match=r"latin1\.jsonl, line 1: not UTF-8 text: byte 0xe9 at column 14"):
         rows(path)

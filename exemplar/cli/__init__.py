@@ -14,6 +14,7 @@ import sys
 from exemplar import __version__
 from exemplar.cli import data_commands
 from exemplar.errors import ExemplarError
+from exemplar.train.run_guard import TrainingInterrupted
 
 EXIT_USER_ERROR = 2
 
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:
         return int(args.handler(args) or 0)
+    except TrainingInterrupted as e:  # a checkpoint was written: say how to go on, exit 128 + signal
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     except ExemplarError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -39,6 +39,7 @@ from exemplar.data.registry import UserFormat, install, user_formats
 from exemplar.data.sources import Source, sources, train_sources
 from exemplar.data.tokenizer import TokenizerBundle, load_tokenizer
 from exemplar.errors import DataError, RowError
+from exemplar.fsio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,8 @@ def encode_source(
     if use_cache and (folder / "report.json").is_file():
         report = SourceReport(**json.loads((folder / "report.json").read_text()))
         report.cached = True
+        if report.kept == 0:  # nothing kept: no data was saved (datasets cannot load 0 shards)
+            return _empty_dataset(key), report
         return load_from_disk(str(folder / "data")), report
 
     with cyclic_gc_paused():
@@ -303,6 +306,16 @@ def _dataset(columns, where: list[tuple[str, str]], path: str, fingerprint: str)
     )
     info = DatasetInfo(features=features) if list_type is pa.list_ else None
     return Dataset(InMemoryTable(table), info=info, fingerprint=fingerprint), report
+
+
+def _empty_dataset(fingerprint: str):
+    """The dataset of a source that kept no example, with the usual columns."""
+    from datasets import Dataset, Features, List, Value
+
+    features = Features(
+        {"input_ids": List(Value("int32")), "labels": List(Value("int32")), "row": Value("int64")}
+    )
+    return Dataset.from_dict({"input_ids": [], "labels": [], "row": []}, features=features)
 
 
 def _list_array(list_type, offsets, values):
@@ -426,8 +439,11 @@ def _write_cache(folder: Path, ds: Any, report: SourceReport) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
     try:
-        ds.save_to_disk(str(tmp / "data"))
-        (tmp / "report.json").write_text(json.dumps(asdict(report)))
+        if len(ds):
+            ds.save_to_disk(str(tmp / "data"))
+        else:
+            tmp.mkdir()
+        atomic_write_json(tmp / "report.json", asdict(report))
         if folder.exists():
             shutil.rmtree(folder)
         os.rename(tmp, folder)

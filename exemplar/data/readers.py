@@ -94,10 +94,14 @@ def _file_kind(path: Path, spec: DatasetSpec) -> str:
 
 
 def _read_file(path: Path, kind: str) -> Iterator[RowOrError]:
-    try:
-        yield from _reader(kind)(path)
-    except UnicodeDecodeError as e:  # streamed text files fail mid-way, not at open
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    """The rows of one file; a file with none is a problem of its own (a `RowError` for the whole
+    file, so a folder's other files are still read and every problem is reported)."""
+    empty = True
+    for item in _reader(kind)(path):
+        empty = False
+        yield item
+    if empty:
+        yield RowError(str(path), "the whole file", None, "holds no rows (an empty file?)")
 
 
 def _reader(kind: str) -> Callable[[Path], Iterator[RowOrError]]:
@@ -164,8 +168,12 @@ def json_type(value: Any) -> str:
 def _read_json(path: Path) -> Iterator[RowOrError]:
     """A JSON list of objects; a .json file holding JSON Lines is read as JSON Lines."""
     text = _read_text(path)
+    if not text.strip():
+        return  # an empty file: reported by _read_file
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path}: {_TOO_DEEP}") from None
     except json.JSONDecodeError as e:
         # "Extra data" after a complete first value is the signature of JSON Lines.
         if e.msg == "Extra data" and text.lstrip().startswith("{"):
@@ -188,15 +196,21 @@ def _read_json(path: Path) -> Iterator[RowOrError]:
         yield _as_row(str(path), f"row {i + 1}", i, item)
 
 
+_TOO_DEEP = "JSON nested too deeply to read (thousands of levels): not a data row"
+
+
 def _read_jsonl(path: Path) -> Iterator[RowOrError]:
-    with _open_text(path) as f:
-        yield from _jsonl_lines(path, f)
+    yield from _jsonl_lines(path, _decoded_lines(path))
 
 
-def _jsonl_lines(path: Path, lines: Iterable[str]) -> Iterator[RowOrError]:
+def _jsonl_lines(path: Path, lines: Iterable[str | RowError]) -> Iterator[RowOrError]:
     """One object per non-blank line; `index` counts rows, the location counts lines."""
     index = 0
     for number, line in enumerate(lines, start=1):
+        if isinstance(line, RowError):  # bytes that are not UTF-8
+            yield line
+            index += 1
+            continue
         if not line.strip():
             continue
         location = f"line {number}"
@@ -204,6 +218,8 @@ def _jsonl_lines(path: Path, lines: Iterable[str]) -> Iterator[RowOrError]:
             value = json.loads(line)
         except json.JSONDecodeError as e:
             yield RowError(str(path), location, None, f"not valid JSON: {e.msg} (column {e.colno})")
+        except RecursionError:
+            yield RowError(str(path), location, None, _TOO_DEEP)
         else:
             yield _as_row(str(path), location, index, value)
         index += 1
@@ -212,25 +228,50 @@ def _jsonl_lines(path: Path, lines: Iterable[str]) -> Iterator[RowOrError]:
 def _read_txt(path: Path) -> Iterator[RowOrError]:
     """One document per non-empty line, as {"text": line} (trailing newline removed)."""
     index = 0
-    with _open_text(path) as f:
-        for number, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            yield SourceRow(file=str(path), location=f"line {number}", index=index, data={"text": line})
+    for number, line in enumerate(_decoded_lines(path), start=1):
+        if isinstance(line, RowError):
+            yield line
             index += 1
+            continue
+        if not line.strip():
+            continue
+        yield SourceRow(file=str(path), location=f"line {number}", index=index, data={"text": line})
+        index += 1
 
 
-def _open_text(path: Path):
-    # utf-8-sig: tolerate the byte-order mark that Windows editors write.
-    return path.open(encoding="utf-8-sig", newline=None)
+def _decoded_lines(path: Path) -> Iterator[str | RowError]:
+    """The file's lines as text without their line ending (LF or CRLF), the byte-order mark
+    Windows editors write removed; a line that is not UTF-8 becomes a RowError naming its line
+    and column, and the lines after it are still read."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                yield RowError(str(path), f"line {number}", None, _not_utf8(raw, e))
+
+
+def _not_utf8(raw: bytes, e: UnicodeDecodeError) -> str:
+    column = len(raw[: e.start].decode("utf-8", "replace")) + 1
+    return f"not UTF-8 text: byte 0x{raw[e.start]:02x} at column {column} (save the file as UTF-8)"
 
 
 def _read_text(path: Path) -> str:
+    data = path.read_bytes()
     try:
-        return path.read_text(encoding="utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+        line = data[: e.start].count(b"\n") + 1
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path}, line {line}: {_not_utf8(data[line_start:], _shifted(e, line_start))}"
+        ) from None
+
+
+def _shifted(e: UnicodeDecodeError, offset: int) -> UnicodeDecodeError:
+    return UnicodeDecodeError(e.encoding, e.object, e.start - offset, e.end - offset, e.reason)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,8 +284,8 @@ def _read_csv(path: Path) -> Iterator[RowOrError]:
     `csv.reader` is used directly (rather than `DictReader`, which silently skips blank lines)
     so that the start line of every record, including quoted multi-line cells, is exact.
     """
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
+    with path.open("rb") as f:
+        reader = csv.reader(_csv_text_lines(path, f))
         header = next(reader, None)
         if header is None:
             return
@@ -257,6 +298,18 @@ def _read_csv(path: Path) -> Iterator[RowOrError]:
                 continue
             yield _csv_row(path, f"line {start}", index, header, cells)
             index += 1
+
+
+def _csv_text_lines(path: Path, f: Any) -> Iterator[str]:
+    """Physical lines for `csv.reader`, line endings kept (it needs them inside quoted cells)."""
+    for number, raw in enumerate(f, start=1):
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            # A CSV record can span lines, so the rest of the file cannot be trusted: stop here.
+            raise DataError(f"{path}, line {number}: {_not_utf8(raw, e)}") from None
 
 
 def _csv_row(path: Path, location: str, index: int, header: list[str], cells: list[str]) -> RowOrError:

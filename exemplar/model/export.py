@@ -18,7 +18,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from exemplar.config import ModelConfig, TrainConfig
 from exemplar.errors import ExemplarError
+from exemplar.fsio import temp_dir_beside
 
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
@@ -153,7 +153,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = temp_dir_beside(final)
     try:
         yield tmp
     except BaseException:

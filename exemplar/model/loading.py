@@ -211,7 +211,7 @@ def _from_pretrained(
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "trust_remote_code": model_cfg.trust_remote_code,
-        "use_safetensors": _use_safetensors(source),
+        "use_safetensors": _use_safetensors(source, model_cfg.allow_pickle_weights),
     }
     if train_cfg.method == "qlora":
         kwargs["quantization_config"] = quantization_config()
@@ -227,19 +227,27 @@ def _from_pretrained(
         )
     except OSError as e:
         # Hub ids: we asked for safetensors only; a repo with only pickles ends up here.
-        if kwargs["use_safetensors"] and not Path(source).exists() and "safetensors" in str(e):
+        only_pickles = not Path(source).exists() and "safetensors" in str(e)
+        if kwargs["use_safetensors"] and only_pickles and model_cfg.allow_pickle_weights:
             warnings.warn(
                 f"{source} has no safetensors weights; loading its .bin (pickle) files", stacklevel=2
             )
             kwargs["use_safetensors"] = False
             return AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn, **kwargs)
+        if only_pickles:
+            raise ConfigError(_PICKLE_REFUSED.format(source=source)) from None
         raise ExemplarError(f"cannot load model.path '{source}': {e}") from None
 
 
-def _use_safetensors(source: str) -> bool:
-    """Safetensors only, unless a local folder has nothing but .bin pickles (then warn and allow them).
+_PICKLE_REFUSED = (
+    "model.path '{source}' has only .bin (pickle) weights, which can run code when loaded: convert them "
+    "to safetensors, or set model.allow_pickle_weights: true for files you trust"
+)
 
-    Pickled .bin files can run code when loaded, so they are never picked when safetensors exist.
+
+def _use_safetensors(source: str, allow_pickle: bool) -> bool:
+    """Safetensors only. A local folder with nothing but .bin pickles is refused unless the config
+    allows pickles (then loaded with a warning); pickles are never picked when safetensors exist.
     """
     folder = Path(source)
     if not folder.is_dir():
@@ -247,9 +255,11 @@ def _use_safetensors(source: str) -> bool:
     if any(folder.glob("*.safetensors")):
         return True
     if any(folder.glob("*.bin")):
+        if not allow_pickle:
+            raise ConfigError(_PICKLE_REFUSED.format(source=folder))
         warnings.warn(
-            f"{folder} has only .bin (pickle) weights; loading them. Pickles can run code: "
-            "load only files you trust, or convert them to safetensors",
+            f"{folder} has only .bin (pickle) weights; loading them as model.allow_pickle_weights says. "
+            "Pickles can run code: load only files you trust, or convert them to safetensors",
             stacklevel=3,
         )
         return False

@@ -7,8 +7,16 @@ run is killed at. Contents:
   model.safetensors    trainable weights (LoRA: adapter weights only; full: the whole state dict)
   optimizer.pt         AdamW state
   scheduler.json       learning-rate schedule inputs (the rate itself is a function of the step)
-  rng.pt               python, numpy, torch CPU and CUDA generator states
+  rng.pt               python, numpy, torch CPU and CUDA generator states, as tensors and plain values
   trainer_state.json   step, epoch, position in the plan, config hash, running totals, metrics
+  manifest.json        size and SHA-256 of every other file; written last, so its presence marks a
+                       complete checkpoint, and checked before anything is loaded
+
+Nothing in a checkpoint executes code when loaded: weights are safetensors, every `.pt` file is read
+with `weights_only=True` (tensors and plain values only), and the pickled metadata of a sharded
+checkpoint is vetted against an allowlist before `torch.distributed.checkpoint` reads it. A
+checkpoint whose files do not match its manifest (truncated, corrupted, tampered) is reported and
+skipped: `--resume` goes on from the newest one that checks out.
 
 Runs on several ranks (torchrun) write a sharded checkpoint with `torch.distributed.checkpoint`
 instead: every rank writes its own shards of the weights and optimizer state in parallel.
@@ -16,7 +24,7 @@ instead: every rank writes its own shards of the weights and optimizer state in 
   dcp/                 {"model": trainable weights, "optimizer": AdamW state}, keyed by parameter
                        name; loads onto any number of ranks (resharded on load), or one process
   rng-rank{R}.pt       each rank's generator states
-  scheduler.json, trainer_state.json   as above (written by rank 0)
+  scheduler.json, trainer_state.json, manifest.json   as above (written by rank 0)
 
 `load_checkpoint` reads either format into a single-process or a distributed model, so a run can
 resume on a different number of ranks than it was saved from.
@@ -24,13 +32,19 @@ resume on a different number of ranks than it was saved from.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import io
 import json
+import logging
 import os
+import pickle
 import random
 import re
 import shutil
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +54,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from exemplar.errors import ExemplarError
+from exemplar.fsio import atomic_write_json, fsync_dir, fsync_file
 
 if TYPE_CHECKING:
     from exemplar.train.distributed import World
@@ -48,6 +63,9 @@ STEP_RE = re.compile(r"^step-(\d+)$")
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".del-"
 SHARDED_DIR = "dcp"
+MANIFEST = "manifest.json"
+
+log = logging.getLogger(__name__)
 
 
 def step_dir_name(step: int) -> str:
@@ -99,9 +117,18 @@ def load_trainable_state_dict(model: nn.Module, path: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """Every generator's state as tensors and plain values, so it loads with `weights_only=True`."""
+    version, mt_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "state": list(mt_state), "gauss": gauss},
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -110,11 +137,25 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["name"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_pt(path: Path, map_location: Any = "cpu") -> Any:
+    """A `.pt` file of a checkpoint, read without executing code (tensors and plain values only)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ExemplarError(
+            f"{path}: refusing to load: it holds objects other than tensors and plain values, which "
+            f"could run code (a checkpoint from another source, or from an older Exemplar). Details: {e}"
+        ) from None
 
 
 # How a step is split over micro-batches and ranks does not change what is trained (the loss is
@@ -153,13 +194,64 @@ def save_checkpoint(
         return _save_sharded(root, step, model, optimizer, schedule, trainer_state, world)
     final = root / step_dir_name(step)
     tmp = _empty_tmp(root, f"{TMP_PREFIX}{final.name}-{os.getpid()}")
-    save_file(trainable_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    _write_json(tmp / "scheduler.json", schedule)
-    _write_json(tmp / "trainer_state.json", trainer_state)  # last: its presence marks completeness
-    _publish(tmp, final)
+    with _space_checked(tmp, final, lambda: _state_bytes(model, optimizer)):
+        save_file(trainable_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        _write_json(tmp / "scheduler.json", schedule)
+        _write_json(tmp / "trainer_state.json", trainer_state)
+        _write_manifest(tmp)  # last: its presence marks completeness
+        _publish(tmp, final)
     return final
+
+
+@contextlib.contextmanager
+def _space_checked(tmp: Path, final: Path, needed: Callable[[], int]) -> Iterator[None]:
+    """A full disk while writing a checkpoint: the partial folder goes, the previous checkpoints
+    stay, and the error names the folder, the space needed and the space free."""
+    try:
+        yield
+    except BaseException as e:
+        full = _is_disk_full(e, final.parent, needed)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            free = shutil.disk_usage(final.parent).free
+            raise ExemplarError(
+                f"no space left on device while writing checkpoint {final}: it needs about "
+                f"{_mib(needed())} and {_mib(free)} is free. The previous checkpoints are intact; free "
+                "some space (or keep fewer checkpoints with train.keep_last) and resume"
+            ) from None
+        raise
+
+
+def _is_disk_full(e: BaseException, folder: Path, needed: Callable[[], int]) -> bool:
+    # safetensors and json report ENOSPC as an OSError with its errno; torch.save's C++ writer
+    # raises a RuntimeError with no errno and a message about stream positions
+    # ("inline_container.cc ... unexpected pos"). So: the errno where there is one, else whether
+    # the disk has, at the moment of the failure, less room than the checkpoint needs.
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(e, (OSError, RuntimeError)):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < needed()
+    except OSError:
+        return False
+
+
+def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    weights = sum(t.numel() * t.element_size() for t in trainable_state_dict(model).values())
+    moments = sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for t in state.values()
+        if isinstance(t, torch.Tensor)
+    )
+    return weights + moments
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def _empty_tmp(root: Path, name: str) -> Path:
@@ -178,12 +270,49 @@ def _publish(tmp: Path, final: Path) -> None:
     the old folder aside first)."""
     for f in tmp.iterdir():
         if f.is_file():
-            _fsync_file(f)
-    _fsync_dir(tmp)
+            fsync_file(f)
+    fsync_dir(tmp)
     if final.exists():
         _discard(final)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
+
+
+def _write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {p.relative_to(folder).as_posix(): _file_entry(p) for p in files}
+    atomic_write_json(folder / MANIFEST, {"format": 1, "files": entries}, sort_keys=True)
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be trusted to load (None when every file matches its
+    manifest): a missing or unreadable manifest, a missing, truncated or changed file."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        entries = manifest["files"]
+        if not isinstance(entries, dict) or not entries:
+            return f"{MANIFEST} lists no files"
+    except FileNotFoundError:
+        return f"no {MANIFEST} (incomplete, or written by an older Exemplar)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable {MANIFEST}: {e}"
+    for name, expected in sorted(entries.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected.get("size"):
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {expected.get('size')} (truncated?)"
+        if _file_entry(file)["sha256"] != expected.get("sha256"):
+            return f"{name} does not match its checksum (corrupted or changed)"
+    return None
 
 
 def _save_sharded(
@@ -208,13 +337,14 @@ def _save_sharded(
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / SHARDED_DIR))
     rng_file = tmp / f"rng-rank{world.rank}.pt"
     torch.save(rng_state(), rng_file)
-    _fsync_file(rng_file)
+    fsync_file(rng_file)
     dist.barrier()  # every rank's shards and RNG file are on disk
     if world.is_main:
         _write_json(tmp / "scheduler.json", schedule)
         _write_json(
             tmp / "trainer_state.json", {**trainer_state, "format": "sharded", "world_size": world.world_size}
         )
+        _write_manifest(tmp)
         _publish(tmp, final)
     dist.barrier()  # nobody goes on (and prunes or resumes) before the folder is in place
     return final
@@ -255,20 +385,7 @@ def _discard(path: Path) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write_json(path, data, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,14 +399,21 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         m = STEP_RE.match(p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+        if m and p.is_dir() and (p / MANIFEST).is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    checkpoints = list_checkpoints(root)
-    return checkpoints[-1][1] if checkpoints else None
+    """The newest checkpoint whose files match its manifest; newer ones that do not (a truncated
+    or corrupted file, a folder without a manifest) are reported and skipped, never loaded."""
+    candidates = [p for p in root.iterdir() if STEP_RE.match(p.name) and p.is_dir()] if root.is_dir() else []
+    for path in sorted(candidates, key=lambda p: int(STEP_RE.match(p.name).group(1)), reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("skipping checkpoint %s: %s", path, problem)
+    return None
 
 
 def load_checkpoint(
@@ -313,10 +437,9 @@ def load_checkpoint(
     else:
         load_trainable_state_dict(model, path / "model.safetensors")
         device = next(model.parameters()).device
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+        optimizer.load_state_dict(_load_pt(path / "optimizer.pt", map_location=device))
         rng_file = path / "rng.pt"
-    # Our own file with numpy/python RNG tuples inside, hence weights_only=False.
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    set_rng_state(_load_pt(rng_file))
     return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
 
 
@@ -328,6 +451,7 @@ def _load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     # the checkpoint is read (and resharded) into.
     model_state, optim_state = get_state_dict(model, optimizer, options=_state_options(model))
     state = {"model": model_state, "optimizer": optim_state}
+    vet_sharded_metadata(path / SHARDED_DIR / ".metadata")
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -361,7 +485,7 @@ def _load_full_into_ranks(path: Path, model: nn.Module, optimizer: torch.optim.O
         raise ExemplarError(f"{path}: checkpoint lacks trainable weights: {', '.join(missing[:5])}")
     set_model_state_dict(model, weights, options=_state_options(model, strict=False, full=True))
     # optimizer.pt numbers parameters in the optimizer's order; the distributed API wants names.
-    saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    saved = _load_pt(path / "optimizer.pt")
     name_of = {id(p): n for n, p in names.items()}
     order = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
     by_name = {
@@ -369,3 +493,37 @@ def _load_full_into_ranks(path: Path, model: nn.Module, optimizer: torch.optim.O
         "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]],
     }
     set_optimizer_state_dict(model, optimizer, by_name, options=_state_options(model, full=True))
+
+
+# torch.distributed.checkpoint reads its `.metadata` file with plain `pickle.load`, which runs any
+# code the file names. There is no public switch for a safe load, so before DCP reads it we unpickle
+# it ourselves with a restricted Unpickler (the standard-library way to vet a pickle) that allows
+# only the metadata types DCP writes; anything else is refused and DCP never sees the file.
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata",)
+_DCP_NAMES = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = getattr(torch, name, None) if module == "torch" else None
+        if module in _DCP_MODULES or (module, name) in _DCP_NAMES or isinstance(dtype, torch.dtype):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint metadata type")
+
+
+def vet_sharded_metadata(path: Path) -> None:
+    """Refuse a sharded checkpoint whose pickled metadata names anything but DCP's own types."""
+    try:
+        _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+    except FileNotFoundError:
+        raise ExemplarError(f"{path}: missing: not a complete sharded checkpoint") from None
+    except Exception as e:  # a refused global, or a file that is not a pickle at all
+        raise ExemplarError(f"{path}: refusing to load: {e}") from None

@@ -45,6 +45,7 @@ from exemplar.train.checkpoint import (
 )
 from exemplar.train.loss import LMLoss, needs_flat_batches
 from exemplar.train.metrics import MetricsLogger, peak_memory
+from exemplar.train.run_guard import StopRequests, TrainingInterrupted, output_dir_lock
 from exemplar.train.schedule import build_optimizer, lr_at, schedule_state, set_lr
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ class StepResult:
     grad_norm: float  # before clipping
     num_tokens: int
     num_trained: int
-    skipped: bool  # no trained token, or a non-finite gradient: the weights were left unchanged
+    skipped: bool  # no trained token, or a non-finite loss or gradient: the weights were left unchanged
+    nonfinite: bool = False  # the loss or the gradient norm was NaN or infinite
 
 
 def train_step(
@@ -117,10 +119,11 @@ def train_step(
     else:
         loss_value = float(total)
         grad_norm = dist_utils.clip_local(params, max_grad_norm)
-    skipped = num_trained == 0 or not math.isfinite(grad_norm)
+    nonfinite = not (math.isfinite(grad_norm) and math.isfinite(loss_value))
+    skipped = num_trained == 0 or nonfinite
     if not skipped:
         optimizer.step()
-    return StepResult(loss_value, grad_norm, num_tokens, num_trained, skipped)
+    return StepResult(loss_value, grad_norm, num_tokens, num_trained, skipped, nonfinite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +226,8 @@ class RunState:
     train_wall_s: float = 0.0
     last_loss: float | None = None
     skipped_steps: int = 0
+    nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss or gradient
+    nonfinite_in_a_row: int = 0
     best_eval_loss: float | None = None
     best_step: int | None = None
     last_eval: dict[str, float] | None = None
@@ -252,7 +257,21 @@ def run_training(
     Under torchrun with several ranks every rank calls this with the same arguments; the model is
     then left wrapped (FSDP2: sharded; `distributed.model_for_export` gathers it). Only rank 0
     writes metrics, the summary and the progress bar; callbacks run on every rank.
+
+    One run at a time per output folder (a second one refuses: `OutputDirBusy`). SIGINT and SIGTERM
+    stop after the current step with a checkpoint (`TrainingInterrupted`, which says how to
+    resume); a second signal stops at once. A step whose loss or gradient is NaN or infinite is
+    skipped and counted; `train.max_nonfinite_in_a_row` of them in a row stop the run, and weights
+    that are not finite are never written.
     """
+    world = dist_utils.current_world()
+    # Rank 0 holds the lock for the job (the other ranks share its folder).
+    lock = output_dir_lock(config.output_dir) if world.is_main else contextlib.nullcontext()
+    with lock, StopRequests() as stop:
+        return _run_training(config, model, tokenizer, train_ds, eval_ds, resume, callbacks, progress, stop)
+
+
+def _run_training(config, model, tokenizer, train_ds, eval_ds, resume, callbacks, progress, stop):
     train = config.train
     output_dir = Path(config.output_dir)
     ckpt_root = output_dir / "checkpoints"
@@ -308,7 +327,8 @@ def run_training(
         remove_stale(ckpt_root)
     dist_utils.barrier(world)
 
-    def save() -> None:
+    def save() -> Path:
+        _check_finite_weights(model, world, state.step, ckpt_root)
         trainer_state = _trainer_state(state, plan, total_steps, config, fingerprint)
         path = save_checkpoint(
             ckpt_root,
@@ -324,6 +344,7 @@ def run_training(
         if world.is_main:
             prune_checkpoints(ckpt_root, train.keep_last, keep)
         _emit(callbacks, "checkpoint", {"step": state.step, "path": str(path)})
+        return path
 
     def run_eval() -> None:
         result = evaluate(evaluator, eval_batches(), autocast, world)
@@ -364,6 +385,7 @@ def run_training(
             row = _step_row(state, epoch, plan, result, lr, seconds)
             logger.log_step(row, write=state.step % train.log_every == 0 or state.step == total_steps)
             _emit(callbacks, "step_end", row)
+            _stop_if_diverged(state, train.max_nonfinite_in_a_row, ckpt_root)
             if eval_batches and train.eval_every and state.step % train.eval_every == 0:
                 run_eval()
             if (
@@ -372,6 +394,14 @@ def run_training(
                 and state.last_checkpoint_step != state.step
             ):
                 save()
+            if _agreed_stop(stop, world) and state.step < total_steps:
+                path = save() if state.last_checkpoint_step != state.step else ckpt_root / _step_name(state)
+                raise TrainingInterrupted(
+                    f"{stop.name or 'a stop request'} received: stopped after step {state.step} of "
+                    f"{total_steps} with a checkpoint in {path}. Continue with the same command and "
+                    "--resume (Python: resume=True)",
+                    stop.signum or 15,
+                )
         if eval_batches and state.last_eval_step != state.step:
             run_eval()
         if state.last_checkpoint_step != state.step:
@@ -565,6 +595,46 @@ def _account(state: RunState, result: StepResult, seconds: float) -> None:
     state.train_wall_s += seconds
     state.last_loss = result.loss
     state.skipped_steps += int(result.skipped)
+    state.nonfinite_steps += int(result.nonfinite)
+    state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if result.nonfinite else 0
+
+
+def _stop_if_diverged(state: RunState, limit: int, ckpt_root: Path) -> None:
+    if state.nonfinite_in_a_row < limit:
+        return
+    last = f"step-{state.last_checkpoint_step:06d}" if state.last_checkpoint_step is not None else None
+    raise ExemplarError(
+        f"stopped at step {state.step}: the loss or the gradient was NaN or infinite in {limit} steps in "
+        f"a row (train.max_nonfinite_in_a_row), {state.nonfinite_steps} in all. Nothing was saved from "
+        "these steps"
+        + (f"; the last checkpoint is {ckpt_root / last}" if last else "")
+        + ". Lower train.lr, use fp32, or check the data"
+    )
+
+
+def _agreed_stop(stop: StopRequests, world: dist_utils.World) -> bool:
+    """Whether any rank was asked to stop (a scheduler may signal only some): all stop together."""
+    if not world.distributed:
+        return stop.requested
+    return dist_utils.all_reduce_sum([float(stop.requested)], world)[0] > 0
+
+
+def _step_name(state: RunState) -> str:
+    return f"step-{state.step:06d}"
+
+
+def _check_finite_weights(model: nn.Module, world: dist_utils.World, step: int, ckpt_root: Path) -> None:
+    """Refuse to write weights holding NaN or infinity (checkpoints, hence the final model too)."""
+    bad = sum(
+        int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+        for p in model.parameters()
+        if p.requires_grad
+    )
+    if dist_utils.all_reduce_sum([float(bad)], world)[0] > 0:
+        raise ExemplarError(
+            f"the weights hold NaN or infinite values at step {step}: not saved, so {ckpt_root} keeps only "
+            "finite checkpoints. Lower train.lr, raise train.adam_eps, or use fp32"
+        )
 
 
 def _step_row(
@@ -583,6 +653,8 @@ def _step_row(
     }
     if result.skipped:
         row["skipped"] = True
+    if result.nonfinite:
+        row["nonfinite"] = True
     return row
 
 
@@ -610,6 +682,7 @@ def _summary(
         "tokens_per_s": state.tokens / wall if wall > 0 else 0.0,
         "final_loss": state.last_loss,
         "skipped_steps": state.skipped_steps,
+        "nonfinite_steps": state.nonfinite_steps,
         **peak_memory(),
         "resumed_from": resumed_from,
         "last_checkpoint": str(ckpt_root / f"step-{state.last_checkpoint_step:06d}")
