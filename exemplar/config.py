@@ -68,6 +68,7 @@ class DataConfig(_Strict):
     num_proc: int | None = None  # preprocessing processes; None: min(cores, 8)
     cache_dir: str | None = None  # None: $EXEMPLAR_CACHE or ~/.cache/exemplar
     shuffle: bool = True
+    skip_invalid: bool = False  # train on the valid rows, reporting the skipped ones (default: refuse)
 
     @field_validator("train", "eval", mode="before")
     @classmethod

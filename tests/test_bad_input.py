@@ -109,3 +109,65 @@ def test_any_bytes_give_rows_or_the_projects_own_errors(tmp_path, lines):
         convert_all(spec)
     except ExemplarError:
         pass
+
+
+def _config_with_a_bad_row(tmp_path, **data):
+    from exemplar.config import load_config
+    from tests.test_finetune import ARCHITECTURES, config_dict
+
+    config = config_dict(tmp_path, ARCHITECTURES["llama"], max_steps=2)
+    rows = tmp_path / "d.jsonl"
+    rows.write_text(rows.read_text() + '{"messages": [{"role": "user", "content": "no answer"}]}\n{"x": \n')
+    config["data"].update(data)
+    return load_config(None, **config)
+
+
+def test_training_refuses_invalid_rows_before_loading_any_model(tmp_path):
+    from exemplar.train.finetune import finetune
+
+    config = _config_with_a_bad_row(tmp_path)
+    config.model.from_config = None
+    config.model.path = str(tmp_path / "no-such-model")  # never reached
+    with pytest.raises(
+        DataError,
+        match=r"(?s)2 invalid rows in .*line 25, field .messages.: nothing to train: no assistant message.*line 26: not valid JSON",
+    ):
+        finetune(config, progress=False)
+
+
+def test_skip_invalid_trains_on_the_valid_rows_and_reports_the_skipped(tmp_path):
+    from exemplar.train.finetune import finetune
+
+    summary = finetune(_config_with_a_bad_row(tmp_path, skip_invalid=True), progress=False)
+    assert summary["steps"] == 2
+    report = "\n".join(summary["data"][0])
+    assert "skipped" in report and "invalid rows (data.skip_invalid)" in report
+    assert "line 26: not valid JSON" in report
+
+
+def test_validate_names_conversations_with_nothing_to_train(tmp_path, capsys):
+    from exemplar.cli import main
+    from exemplar.quickstart import tokenizer_path
+
+    rows = [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": "only a question"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a", "train": False},
+            ]
+        },
+    ]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "c.yaml").write_text(
+        f"tokenizer: {tokenizer_path()}\nchat_template: chatml\ndata: {{train: [{{path: d.jsonl}}]}}\n"
+    )
+    assert main(["data", "validate", str(tmp_path / "c.yaml")]) == 1
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert "line 2, field 'messages': nothing to train: no assistant message" in out
+    assert "line 3, field 'messages[1].content': assistant message is empty" in out
+    assert "line 4, field 'messages': nothing to train: no assistant message" in out
+    assert "line 1" not in out

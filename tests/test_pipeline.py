@@ -53,11 +53,16 @@ def test_rows_are_encoded_with_labels_and_drops_are_counted(tmp_path, bundle):
         }
     )
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    prepared = prepare_data(config_for(tmp_path, [path], max_length=128), bundle=bundle, progress=False)
+    config = config_for(tmp_path, [path], max_length=128)
+    # A row with nothing to train is invalid (validate names it); skip_invalid skips and counts it.
+    with pytest.raises(DataError, match="line 12, field 'messages': nothing to train"):
+        prepare_data(config, bundle=bundle, progress=False)
+    config.data.skip_invalid = True
+    prepared = prepare_data(config, bundle=bundle, progress=False)
     assert len(prepared.train) == 10
     (report,) = prepared.reports
-    assert report.rows == 12 and report.kept == 10
-    assert report.dropped == {"too_long": 1, "no_trained_tokens": 1}
+    assert report.rows == 11 and report.kept == 10 and report.invalid == 1
+    assert report.dropped == {"too_long": 1}
     row = prepared.train[0]
     assert len(row["input_ids"]) == len(row["labels"])
     trained = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE_INDEX]

@@ -142,10 +142,14 @@ def validate(config: Config, bundle: TokenizerBundle | None = None) -> Validatio
         result.problems += problems
         for src, ex in examples:
             if isinstance(ex, Conversation):
-                try:
-                    masker.render_pieces(ex)
-                except TemplateError as e:
-                    result.problems.append(RowError(src.file, src.location, "messages", str(e)))
+                problem = masker.nothing_to_train(ex)
+                if problem is None:
+                    try:
+                        masker.render_pieces(ex)
+                    except TemplateError as e:
+                        problem = str(e)
+                if problem is not None:
+                    result.problems.append(RowError(src.file, src.location, "messages", problem))
     return result
 
 

@@ -217,6 +217,19 @@ class ChatMasker:
             chosen = [chosen[-1]]
         return chosen
 
+    def nothing_to_train(self, conv: Conversation) -> str | None:
+        """Why the conversation would train nothing (None when it trains something): no message
+        of a trained role, or every trained message empty. Such a row is invalid, not dropped."""
+        if self.mask.train_on_everything:
+            return None
+        chosen = [conv.messages[i] for i in self.trained_messages(conv)]
+        roles = " or ".join(self.mask.train_roles) or "trained"
+        if not chosen:
+            return f"nothing to train: no {roles} message (or every one is marked train: false)"
+        if all(not m.content.strip() and not m.tool_calls and not m.reasoning_content for m in chosen):
+            return f"nothing to train: every {roles} message is empty"
+        return None
+
     def render_pieces(self, conv: Conversation) -> RenderedChat:
         messages = [m.to_template_dict() for m in conv.messages]
         full = self.render(messages, conv.tools)

@@ -36,6 +36,7 @@ from exemplar.data.encode import Encoder
 from exemplar.data.formats import CONVERTERS, convert_rows, format_decisions
 from exemplar.data.masking import ChatMasker
 from exemplar.data.registry import UserFormat, install, user_formats
+from exemplar.data.schema import Conversation
 from exemplar.data.sources import Source, sources, train_sources
 from exemplar.data.tokenizer import TokenizerBundle, load_tokenizer
 from exemplar.errors import DataError, RowError
@@ -57,6 +58,8 @@ class SourceReport:
     dropped: dict[str, int] = field(default_factory=dict)
     turns_without_stop: int = 0
     template_errors: list[str] = field(default_factory=list)  # the first few, with row locations
+    invalid: int = 0  # rows skipped as invalid (data.skip_invalid)
+    invalid_examples: list[str] = field(default_factory=list)  # the first few problems
     cached: bool = False
 
     def lines(self) -> list[str]:
@@ -66,6 +69,9 @@ class SourceReport:
         if self.turns_without_stop:
             out.append(f"  warning: {self.turns_without_stop} trained turns have no stop token after them")
         out += [f"  {msg}" for msg in self.template_errors]
+        if self.invalid:
+            out.append(f"  skipped {self.invalid} invalid rows (data.skip_invalid), e.g.:")
+            out += [f"    {msg}" for msg in self.invalid_examples]
         return out
 
 
@@ -206,12 +212,14 @@ def encode_source(
 
     with cyclic_gc_paused():
         columns, where, problems = _encode_rows(source, encoder, path, config, progress)
-    if problems:
+    if problems and not config.data.skip_invalid:
         shown = "\n".join(f"  {p}" for p in problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         hint = "" if source.in_memory else " (run `exemplar data validate` to list them all)"
+        hint += "; set data.skip_invalid: true to train on the valid rows"
         raise DataError(f"{len(problems)} invalid rows in {path}{hint}:\n{shown}{more}", problems)
     ds, report = _dataset(columns, where, path, fingerprint=key)
+    report.invalid, report.invalid_examples = len(problems), [str(p) for p in problems[:5]]
     if use_cache:
         _write_cache(folder, ds, report)
     return ds, report
@@ -270,6 +278,14 @@ def encode_examples(encoder: Encoder, converted, on_batch=None):
                 problems.append(item)
                 continue
             src, example = item
+            empty = (
+                encoder.masker.nothing_to_train(example)
+                if encoder.masker and isinstance(example, Conversation)
+                else None
+            )
+            if empty is not None:
+                problems.append(RowError(src.file, src.location, "messages", empty))
+                continue
             where.append((src.file, src.location))
             yield example
 
@@ -415,6 +431,7 @@ def cache_key(spec: DatasetSpec, path: str, config: Config, bundle: TokenizerBun
         "mask": config.mask.model_dump(),
         "max_length": config.max_length,
         "truncation": config.truncation,
+        "skip_invalid": config.data.skip_invalid,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 

@@ -9,6 +9,7 @@ an already-loaded model and tokenizer, and callbacks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ def finetune(
     """
     from exemplar.model.lora import check_method_supported
     from exemplar.train.distributed import init_distributed, shutdown
+    from exemplar.train.run_guard import output_dir_lock
 
     if not isinstance(config, Config):
         config = load_config(config)
@@ -62,7 +64,9 @@ def finetune(
     check_method_supported(config.train)  # e.g. QLoRA without CUDA: fail before any work
     world, owns_group = init_distributed(config.train)
     inputs = _Inputs(train_data, eval_data, data_format, model, tokenizer, list(callbacks))
-    summary = _finetune(config, world, inputs, resume, progress and world.is_main)
+    # One job per output folder, held from before training to after the export (rank 0 holds it).
+    with output_dir_lock(config.output_dir) if world.is_main else contextlib.nullcontext():
+        summary = _finetune(config, world, inputs, resume, progress and world.is_main)
     if owns_group:  # not on errors: a rank that fails leaves, and torchrun stops the others
         shutdown()
     return summary
