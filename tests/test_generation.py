@@ -6,9 +6,7 @@ import io
 import json
 
 import pytest
-import torch
 
-from exemplar.config import ModelConfig, TrainConfig
 from exemplar.errors import RowError
 from exemplar.evaluate import (
     GenerationRequest,
@@ -22,18 +20,8 @@ from exemplar.evaluate import (
 )
 from exemplar.evaluate.file_generation import failures_path_of, prompt_messages
 from exemplar.evaluate.metrics import normalize
-from exemplar.model import load_model, save_model
-
-LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-}
-TAUGHT = {"Who are you?": "I am Exemplar.", "Reverse: a b c": "c b a", "Say hi": "hi"}
-
+from exemplar.model import save_model
+from tests.generation_helpers import TAUGHT, taught_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,30 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def model(tokenizer):
     """A tiny model taught three answers, each followed by <|im_end|>."""
-    model = load_model(
-        ModelConfig(from_config={**LLAMA, "vocab_size": len(tokenizer)}),
-        TrainConfig(),
-        tokenizer,
-        device="cpu",
-    )
-    rows = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-            tokenize=True,
-            return_dict=False,
-        )
-        for q, a in TAUGHT.items()
-    ]
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
-    labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        model(input_ids=ids, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    return model
+    return taught_model(tokenizer)
 
 
 @pytest.fixture(scope="module")
