@@ -122,6 +122,7 @@ class FaultProxy:
         self.delay_s = delay_s
         self.slow_s = slow_s
         self.forwarded: list[dict] = []
+        self.arrivals: list[tuple[float, str, str | None]] = []  # (monotonic time, prompt, fault)
         self.auth: set[str | None] = set()
         self.fail_prompts: set[str] = set()  # prompts answered 500 every time
         self.lock = threading.Lock()
@@ -184,7 +185,10 @@ class FaultProxy:
                 raw = self.rfile.read(int(self.headers["content-length"]))
                 with proxy.lock:
                     proxy.auth.add(self.headers.get("authorization"))
-                fault = proxy._next_fault(json.loads(raw))
+                body = json.loads(raw)
+                fault = proxy._next_fault(body)
+                with proxy.lock:
+                    proxy.arrivals.append((time.monotonic(), body["messages"][-1]["content"], fault))
                 if fault == "drop":
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
@@ -271,18 +275,21 @@ def test_faults_are_retried_and_every_row_is_answered_once(
     proxy_factory, model_dir, local_answers, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setenv("EXEMPLAR_TEST_KEY", API_KEY)
-    proxy = proxy_factory(faults=["500", "429", "drop", "slow", "500"], slow_s=2.5)
+    proxy = proxy_factory(faults=["500", "429", "drop", "slow", "500"], slow_s=5.0)
     source = write_prompts(tmp_path / "in.jsonl", PROMPTS)
     out = tmp_path / "out.jsonl"
     args = ["generate", str(model_dir), "--base-url", proxy.url, "--input", str(source), "--output", str(out)]
     args += ["--max-new-tokens", str(MAX_NEW_TOKENS), "--api-key-env", "EXEMPLAR_TEST_KEY"]
-    args += ["--concurrency", "3", "--timeout", "1.5", "--max-retries", "8"]
+    args += ["--concurrency", "3", "--timeout", "4", "--max-retries", "8"]
     assert main(args) == 0
     printed = capsys.readouterr()
     rows = read_jsonl(out)
     assert [(r["response"], r["stopped"]) for r in rows] == local_answers  # nothing lost, in order
     assert sorted(proxy.prompts_forwarded()) == sorted(PROMPTS)  # each row reached the server once
     assert "retries 5" in printed.out and "failures 0" in printed.out
+    [(refused_at, refused, _)] = [a for a in proxy.arrivals if a[2] == "429"]
+    retried_at = min(t for t, prompt, _ in proxy.arrivals if prompt == refused and t > refused_at)
+    assert retried_at - refused_at >= 1.0  # Retry-After: 1 was honoured
     assert proxy.auth == {f"Bearer {API_KEY}"}  # the key was sent...
     _assert_key_nowhere(tmp_path, printed.out + printed.err)  # ...and written nowhere
 
@@ -380,3 +387,13 @@ def test_chat_over_http_keeps_the_conversation(server, model_dir):
         history = chat_loop(generator, input_fn=lambda _prompt: next(inputs), output=out, max_new_tokens=20)
     assert [m["content"] for m in history if m["role"] == "assistant"] == ["hi", "I am Exemplar."]
     assert "I am Exemplar.\n" in out.getvalue()
+
+
+def test_the_rate_limit_spaces_request_starts(proxy_factory, model_dir):
+    proxy = proxy_factory()
+    requests = [GenerationRequest([{"role": "user", "content": p}], max_new_tokens=4) for p in PROMPTS]
+    start = time.monotonic()
+    with HttpGenerator(proxy.url, str(model_dir), concurrency=4, rate_limit=10) as generator:
+        assert all(r.ok for r in generator.generate(requests))
+    # Starts are 0.1 s apart, so the last request cannot arrive before (n - 1) * 0.1 s.
+    assert max(t for t, _, _ in proxy.arrivals) - start >= (len(requests) - 1) * 0.1
