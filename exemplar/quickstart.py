@@ -123,7 +123,7 @@ def _measure(generator, requests, references) -> dict[str, Any]:
     from exemplar.evaluate.metrics import exact_match, stop_rate
 
     answers = generator.generate(requests)
-    texts = [a.text for a in answers]  # a local generation error is raised, never a row's error
+    texts = [a.text for a in answers]  # a failed result raises here: the quickstart's prompts all encode
     return {
         "exact_match": round(exact_match(texts, references), 4),
         "stop_rate": round(stop_rate([a.stopped for a in answers]), 4),

@@ -245,3 +245,21 @@ def test_exact_match_normalises_case_and_whitespace_only():
 def test_stop_rate():
     assert stop_rate([True, False, True, True]) == 0.75
     assert stop_rate([]) == 0.0
+
+
+def test_generate_command_on_a_model_folder(model_dir, tmp_path, capsys):
+    from exemplar.cli import main
+
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Say hi"}, {"prompt": "Who are you?"}])
+    args = [
+        "generate",
+        str(model_dir),
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--output",
+        str(tmp_path / "o.jsonl"),
+    ]
+    assert main([*args, "--max-new-tokens", "20", "--num-samples", "2"]) == 0
+    rows = read_jsonl(tmp_path / "o.jsonl")
+    assert [r["responses"] for r in rows] == [["hi", "hi"], ["I am Exemplar.", "I am Exemplar."]]  # greedy
+    assert "2 of 2 rows" in capsys.readouterr().out

@@ -98,9 +98,10 @@ class GenerationResult:
 
 @dataclass
 class GeneratorStats:
-    """Counters a caller can print or log. `requests` counts what was sent to a backend (one per
-    sample), `retries` the repeated attempts, `failures` the samples that failed for good,
-    `cache_hits` the samples answered from the on-disk cache without asking."""
+    """Counters a caller can print or log. `requests` counts what was sent to the backend (HTTP
+    requests, retries included; samples generated, locally), `retries` the repeated attempts,
+    `failures` the samples that failed for good, `cache_hits` the samples answered from the
+    on-disk cache without asking."""
 
     requests: int = 0
     retries: int = 0
