@@ -156,8 +156,10 @@ def test_a_row_that_fails_is_reported_and_later_rows_wait(local, tmp_path):
     # A role the ChatML template renders but the prompt encoder cannot place is that row's error.
     rows = [{"prompt": "Say hi"}, {"messages": [{"role": "tool", "content": 3}]}, {"prompt": "Who are you?"}]
     write_jsonl(tmp_path / "in.jsonl", rows)
+    before = local.stats.requests
     report = generate_file(local, tmp_path / "in.jsonl", tmp_path / "out.jsonl", max_new_tokens=12)
     assert not report.complete and report.written == 1
+    assert local.stats.requests - before == 1  # no cache: the batch after the failure is not generated
     [failure] = read_jsonl(failures_path_of(tmp_path / "out.jsonl"))
     assert failure["line"] == 2 and failure["row"] == rows[1] and failure["error"]
     assert [r["response"] for r in read_jsonl(tmp_path / "out.jsonl")] == ["hi"]  # no empty response

@@ -47,3 +47,8 @@ def test_unreachable_server_is_a_row_error_after_the_retries():
         assert generator.stats.as_dict() == {"requests": 3, "retries": 2, "failures": 1, "cache_hits": 0}
     with pytest.raises(ValueError, match="failed"):
         result.text  # noqa: B018 - a failed result has no text, never an empty one
+
+
+def test_a_base_url_without_a_scheme_is_refused():
+    with pytest.raises(ConfigError, match="http:// or https://"):
+        HttpGenerator("127.0.0.1:8000", "m")

@@ -9,9 +9,11 @@ matches the input, and generates only the rows after it.
 A row that still fails (an HTTP error after every retry, a conversation the chat template cannot
 render) is never written as an empty response: it goes to OUT.failed.jsonl ({"line", "error",
 "row"}), the rows after it wait, so that row i of the output is always row i of the input, and a
-rerun retries it. With the HTTP backend's cache the rows answered after a failure are not asked
-again. Seeds: sample j of input row r (0-based) is drawn with seed `seed + r*K + j`, so every
-response has its own seed and a rerun draws the same ones.
+rerun retries it. With the HTTP backend's cache the rows after a failure are still answered and
+kept, so the rerun does not ask again; without one, the run stops after the batch that failed.
+
+Seeds: sample j of input row r (0-based) is drawn with seed `seed + r*K + j`, so every response
+has its own seed and a rerun draws the same ones.
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ def _generate_rest(
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("a", encoding="utf-8") as f:
         for start in range(report.kept, len(numbered), chunk):
+            if blocked and not generator.remembers_answers:
+                break  # answers that can neither be written nor kept would be generated again anyway
             part = numbered[start : start + chunk]
             requests = [
                 GenerationRequest(

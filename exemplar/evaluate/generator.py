@@ -129,6 +129,12 @@ class Generator(ABC):
     def __init__(self) -> None:
         self.stats = GeneratorStats()
 
+    @property
+    def remembers_answers(self) -> bool:
+        """True when an answer given once is not generated again (an on-disk cache), so answering
+        rows that cannot be written yet is not wasted work."""
+        return False
+
     @abstractmethod
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]: ...
 

@@ -60,6 +60,8 @@ class HttpGenerator(Generator):
         super().__init__()
         if concurrency < 1 or max_retries < 0 or timeout <= 0:
             raise ConfigError("concurrency must be >= 1, max_retries >= 0 and timeout > 0")
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"the base URL must start with http:// or https://, got {base_url!r}")
         self.endpoint = _v1(base_url) + "/chat/completions"
         self.model = model
         self.concurrency = concurrency
@@ -78,6 +80,10 @@ class HttpGenerator(Generator):
         self._limiter = RateLimiter(rate_limit)
         self._random = random.Random()
         self.cache = ResponseCache(cache_dir) if cache_dir is not None else None
+
+    @property
+    def remembers_answers(self) -> bool:
+        return self.cache is not None
 
     def __repr__(self) -> str:  # never the headers
         return f"HttpGenerator({self.endpoint!r}, model={self.model!r})"
