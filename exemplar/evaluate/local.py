@@ -80,9 +80,8 @@ class LocalGenerator(Generator):
             try:
                 prompts.append(self._encode(request))
                 results.append(None)
-            except (
-                Exception
-            ) as e:  # a conversation the template cannot render: that row's error, not the run's
+            # A conversation the template cannot render is that row's error, not the run's.
+            except Exception as e:
                 prompts.append(None)
                 results.append(GenerationResult(error=f"cannot encode the prompt ({type(e).__name__}: {e})"))
         self._generate_greedy(requests, prompts, results)
