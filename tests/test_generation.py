@@ -265,3 +265,19 @@ def test_generate_command_on_a_model_folder(model_dir, tmp_path, capsys):
     rows = read_jsonl(tmp_path / "o.jsonl")
     assert [r["responses"] for r in rows] == [["hi", "hi"], ["I am Exemplar.", "I am Exemplar."]]  # greedy
     assert "2 of 2 rows" in capsys.readouterr().out
+
+
+def test_generate_command_refuses_zero_samples(tmp_path, capsys):
+    from exemplar.cli import EXIT_USER_ERROR, main
+
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Say hi"}])
+    args = [
+        "generate",
+        str(tmp_path),
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--output",
+        str(tmp_path / "o.jsonl"),
+    ]
+    assert main([*args, "--num-samples", "0"]) == EXIT_USER_ERROR
+    assert "--num-samples" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()

@@ -119,8 +119,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from exemplar.errors import ConfigError
     from exemplar.evaluate.file_generation import generate_file
 
-    if args.num_samples < 1:
-        raise ConfigError("--num-samples must be at least 1")
+    if args.num_samples < 1 or args.max_new_tokens < 1 or args.temperature < 0:
+        raise ConfigError("--num-samples and --max-new-tokens must be at least 1, --temperature at least 0")
     cache_dir = None
     if args.base_url and (args.cache_dir or "").lower() != "none":
         cache_dir = args.cache_dir or f"{args.output}.cache"

@@ -27,7 +27,7 @@ from typing import Any
 
 from exemplar.errors import DataError, RowError
 from exemplar.evaluate.generator import GenerationRequest, GenerationResult, Generator
-from exemplar.fsio import atomic_write_text
+from exemplar.fsio import atomic_write_text, fsync_dir
 
 ADDED_FIELDS = ("response", "stopped", "responses")
 
@@ -117,6 +117,7 @@ def _generate_rest(
     blocked = False  # after a failed row nothing more is written: output row i stays input row i
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("a", encoding="utf-8") as f:
+        fsync_dir(output.parent)  # a new output file's name survives a power cut too
         for start in range(report.kept, len(numbered), chunk):
             if blocked and not generator.remembers_answers:
                 break  # answers that can neither be written nor kept would be generated again anyway
