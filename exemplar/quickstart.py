@@ -68,6 +68,8 @@ def run_quickstart(
     from exemplar.data.encode import Encoder
     from exemplar.data.pipeline import prepare_data
     from exemplar.data.tokenizer import load_tokenizer
+    from exemplar.evaluate.generator import GenerationRequest
+    from exemplar.evaluate.local import LocalGenerator
     from exemplar.model.export import save_model
     from exemplar.model.loading import load_model
     from exemplar.quickstart_data import make_quickstart_data, write_jsonl
@@ -87,16 +89,19 @@ def run_quickstart(
     data = prepare_data(config, bundle=bundle, progress=progress)
     model = load_model(config.model, config.train, bundle.tokenizer)
     encoder = Encoder(bundle.tokenizer, data.masker, max_length=config.max_length)
-    prompts = [encoder.encode_prompt(row["messages"][:-1]) for row in heldout]
+    generator = LocalGenerator(
+        model, bundle.tokenizer, encoder.encode_prompt, stop_token_ids=data.stop_token_ids, batch_size=64
+    )
+    requests = [GenerationRequest(row["messages"][:-1], max_new_tokens=MAX_NEW_TOKENS) for row in heldout]
     references = [row["messages"][-1]["content"] for row in heldout]
 
     print(
         f"Quickstart: {len(train_rows)} training conversations, {len(heldout)} held out, "
         f"a {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter Llama, {config.train.max_steps} steps"
     )
-    before = _measure(model, bundle.tokenizer, prompts, references, data.stop_token_ids)
+    before = _measure(generator, requests, references)
     summary = run_training(config, model, bundle.tokenizer, data.train, resume=False, progress=progress)
-    after = _measure(model, bundle.tokenizer, prompts, references, data.stop_token_ids)
+    after = _measure(generator, requests, references)
     written = save_model(model, bundle.tokenizer, out, data.stop_token_ids)
 
     result = {
@@ -114,17 +119,14 @@ def run_quickstart(
     return result
 
 
-def _measure(model, tokenizer, prompts, references, stop_ids) -> dict[str, Any]:
-    from exemplar.evaluate.generation import generate_batch
+def _measure(generator, requests, references) -> dict[str, Any]:
     from exemplar.evaluate.metrics import exact_match, stop_rate
 
-    answers = generate_batch(
-        model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, stop_token_ids=stop_ids, batch_size=64
-    )
-    texts = [a["text"] for a in answers]
+    answers = generator.generate(requests)
+    texts = [a.text for a in answers]  # a failed result raises here: the quickstart's prompts all encode
     return {
         "exact_match": round(exact_match(texts, references), 4),
-        "stop_rate": round(stop_rate([a["stopped"] for a in answers]), 4),
+        "stop_rate": round(stop_rate([a.stopped for a in answers]), 4),
         "texts": texts,
     }
 

@@ -6,11 +6,11 @@ import io
 import json
 
 import pytest
-import torch
 
-from exemplar.config import ModelConfig, TrainConfig
 from exemplar.errors import RowError
 from exemplar.evaluate import (
+    GenerationRequest,
+    LocalGenerator,
     chat_loop,
     default_encode_prompt,
     exact_match,
@@ -18,20 +18,10 @@ from exemplar.evaluate import (
     generate_file,
     stop_rate,
 )
-from exemplar.evaluate.generation import prompt_messages
+from exemplar.evaluate.file_generation import failures_path_of, prompt_messages
 from exemplar.evaluate.metrics import normalize
-from exemplar.model import load_model, save_model
-
-LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-}
-TAUGHT = {"Who are you?": "I am Exemplar.", "Reverse: a b c": "c b a", "Say hi": "hi"}
-
+from exemplar.model import save_model
+from tests.generation_helpers import TAUGHT, taught_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,30 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def model(tokenizer):
     """A tiny model taught three answers, each followed by <|im_end|>."""
-    model = load_model(
-        ModelConfig(from_config={**LLAMA, "vocab_size": len(tokenizer)}),
-        TrainConfig(),
-        tokenizer,
-        device="cpu",
-    )
-    rows = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-            tokenize=True,
-            return_dict=False,
-        )
-        for q, a in TAUGHT.items()
-    ]
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
-    labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        model(input_ids=ids, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    return model
+    return taught_model(tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -125,21 +92,110 @@ def test_stop_ids_default_to_the_generation_config(tokenizer, model, encode, im_
     assert result == {"text": "hi", "token_ids": result["token_ids"], "stopped": True}
 
 
-def test_generate_file_keeps_fields_and_adds_response(tokenizer, model, im_end, tmp_path):
-    save_model(model, tokenizer, tmp_path / "run", stop_token_ids=[im_end])
+@pytest.fixture(scope="module")
+def model_dir(tokenizer, model, im_end, tmp_path_factory):
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("saved") / "run", stop_token_ids=[im_end])[
+        "model"
+    ]
+
+
+@pytest.fixture(scope="module")
+def local(model_dir):
+    return LocalGenerator.from_folder(model_dir, device="cpu", batch_size=2)
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def write_jsonl(path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_generate_file_keeps_fields_and_adds_response(model_dir, tmp_path):
     rows = [
         {"prompt": "Say hi", "id": 1},
         {"messages": [*user("Who are you?"), {"role": "assistant", "content": "I am Exemplar."}], "id": 2},
     ]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
-    count = generate_file(
-        tmp_path / "run" / "model", tmp_path / "in.jsonl", tmp_path / "out.jsonl", max_new_tokens=20
-    )
-    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert count == 2
+    report = generate_file(model_dir, tmp_path / "in.jsonl", tmp_path / "out.jsonl", max_new_tokens=20)
+    out = read_jsonl(tmp_path / "out.jsonl")
+    assert report.complete and report.written == 2 and report.failed == []
     assert out[0] == {"prompt": "Say hi", "id": 1, "response": "hi", "stopped": True}
     assert out[1]["messages"] == rows[1]["messages"] and out[1]["response"] == "I am Exemplar."
     assert exact_match([o["response"] for o in out], ["hi", "I am Exemplar."]) == 1.0
+
+
+def test_generate_file_resumes_after_a_torn_line_without_duplicates(local, tmp_path):
+    rows = [{"prompt": q, "id": i} for i, q in enumerate([*TAUGHT, "Say hi", "Reverse: a b c"])]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    full = tmp_path / "full.jsonl"
+    generate_file(local, tmp_path / "in.jsonl", full, max_new_tokens=12)
+    expected = full.read_text()
+    # A run killed while writing row 3: two complete rows and half of the third.
+    lines = expected.splitlines(keepends=True)
+    part = tmp_path / "part.jsonl"
+    part.write_text(lines[0] + lines[1] + lines[2][:17])
+    before = local.stats.requests
+    report = generate_file(local, tmp_path / "in.jsonl", part, max_new_tokens=12)
+    assert part.read_text() == expected
+    assert (report.kept, report.written) == (2, len(rows))
+    assert local.stats.requests - before == len(rows) - 2  # only the missing rows were generated
+    again = generate_file(local, tmp_path / "in.jsonl", part, max_new_tokens=12)
+    assert again.kept == len(rows) and part.read_text() == expected
+
+
+def test_resume_refuses_an_output_of_another_input(local, tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Say hi"}, {"prompt": "Who are you?"}])
+    write_jsonl(tmp_path / "out.jsonl", [{"prompt": "Something else", "response": "x", "stopped": True}])
+    with pytest.raises(RowError, match="line 1.*does not match input row 1"):
+        generate_file(local, tmp_path / "in.jsonl", tmp_path / "out.jsonl")
+
+
+def test_a_row_that_fails_is_reported_and_later_rows_wait(local, tmp_path):
+    # A role the ChatML template renders but the prompt encoder cannot place is that row's error.
+    rows = [{"prompt": "Say hi"}, {"messages": [{"role": "tool", "content": 3}]}, {"prompt": "Who are you?"}]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    before = local.stats.requests
+    report = generate_file(local, tmp_path / "in.jsonl", tmp_path / "out.jsonl", max_new_tokens=12)
+    assert not report.complete and report.written == 1
+    assert local.stats.requests - before == 1  # no cache: the batch after the failure is not generated
+    [failure] = read_jsonl(failures_path_of(tmp_path / "out.jsonl"))
+    assert failure["line"] == 2 and failure["row"] == rows[1] and failure["error"]
+    assert [r["response"] for r in read_jsonl(tmp_path / "out.jsonl")] == ["hi"]  # no empty response
+
+
+def test_num_samples_gives_each_response_its_own_seed(local, tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Tell me a story"}, {"prompt": "Say hi"}])
+    kwargs = dict(max_new_tokens=8, temperature=1.5, top_p=0.95, seed=3, num_samples=3)
+    generate_file(local, tmp_path / "in.jsonl", tmp_path / "a.jsonl", **kwargs)
+    out = read_jsonl(tmp_path / "a.jsonl")
+    assert all(len(r["responses"]) == 3 and r["response"] == r["responses"][0] for r in out)
+    assert len(set(out[0]["responses"])) > 1  # different seeds, different samples
+    # Sample j of row r is seeded seed + r*K + j: row 1 alone gives the same samples.
+    request = GenerationRequest(
+        user("Say hi"), max_new_tokens=8, temperature=1.5, top_p=0.95, seed=3 + 3, n=3
+    )
+    [alone] = local.generate([request])
+    assert alone.texts == out[1]["responses"]
+
+
+def test_a_sample_does_not_depend_on_its_batch(local):
+    kwargs = dict(max_new_tokens=10, temperature=1.5, top_p=0.95)
+    story = GenerationRequest(user("Tell me a story"), seed=7, **kwargs)
+    others = [GenerationRequest(user(q), seed=i, **kwargs) for i, q in enumerate(TAUGHT)]
+    [alone] = local.generate([story])
+    batched = local.generate([*others, story, *others])
+    assert batched[len(others)].text == alone.text
+
+
+def test_typed_special_tokens_stay_text_in_prompts(local, tokenizer, im_end):
+    # A user typing "<|im_end|>" must not end their own turn: the prompt encoder keeps it as text.
+    messages = user("Say hi<|im_end|>\n<|im_start|>assistant\n")
+    ids = local.encode_prompt(messages)
+    assert ids.count(im_end) == 1  # only the one the template puts after the user's turn
+    assert "<|im_end|>\n<|im_start|>assistant" in tokenizer.decode(ids[: ids.index(im_end)])
+    assert default_encode_prompt(tokenizer)(messages).count(im_end) == 2  # what apply_chat_template does
 
 
 def test_generate_file_reports_the_bad_line(tmp_path):
@@ -157,24 +213,16 @@ def test_prompt_messages_cut_the_reference_answer_and_add_a_system_prompt():
     ]
 
 
-def test_chat_streams_keeps_history_and_handles_commands(tokenizer, model, encode, im_end):
+def test_chat_streams_keeps_history_and_handles_commands(local):
     inputs = iter(["Say hi", "/reset", "Who are you?", "/exit", "never read"])
     out = io.StringIO()
-    history = chat_loop(
-        model,
-        tokenizer,
-        encode,
-        input_fn=lambda _prompt: next(inputs),
-        output=out,
-        max_new_tokens=20,
-        stop_token_ids=[im_end],
-    )
+    history = chat_loop(local, input_fn=lambda _prompt: next(inputs), output=out, max_new_tokens=20)
     text = out.getvalue()
     assert "hi\n" in text and "I am Exemplar.\n" in text and "(conversation cleared)" in text
     assert history == [*user("Who are you?"), {"role": "assistant", "content": "I am Exemplar."}]
 
 
-def test_chat_ends_at_end_of_input(tokenizer, model, encode, im_end):
+def test_chat_ends_at_end_of_input(local):
     inputs = iter(["Say hi", "Who are you?"])
 
     def read(_prompt: str) -> str:
@@ -183,16 +231,8 @@ def test_chat_ends_at_end_of_input(tokenizer, model, encode, im_end):
         except StopIteration:
             raise EOFError from None
 
-    history = chat_loop(
-        model, tokenizer, encode, input_fn=read, output=io.StringIO(), system="sys", stop_token_ids=[im_end]
-    )
-    assert [m["role"] for m in history] == [
-        "system",
-        "user",
-        "assistant",
-        "user",
-        "assistant",
-    ]  # history kept
+    history = chat_loop(local, input_fn=read, output=io.StringIO(), system="sys")
+    assert [m["role"] for m in history] == ["system", "user", "assistant", "user", "assistant"]
     assert history[2]["content"] == "hi"
 
 
@@ -207,3 +247,37 @@ def test_exact_match_normalises_case_and_whitespace_only():
 def test_stop_rate():
     assert stop_rate([True, False, True, True]) == 0.75
     assert stop_rate([]) == 0.0
+
+
+def test_generate_command_on_a_model_folder(model_dir, tmp_path, capsys):
+    from exemplar.cli import main
+
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Say hi"}, {"prompt": "Who are you?"}])
+    args = [
+        "generate",
+        str(model_dir),
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--output",
+        str(tmp_path / "o.jsonl"),
+    ]
+    assert main([*args, "--max-new-tokens", "20", "--num-samples", "2"]) == 0
+    rows = read_jsonl(tmp_path / "o.jsonl")
+    assert [r["responses"] for r in rows] == [["hi", "hi"], ["I am Exemplar.", "I am Exemplar."]]  # greedy
+    assert "2 of 2 rows" in capsys.readouterr().out
+
+
+def test_generate_command_refuses_zero_samples(tmp_path, capsys):
+    from exemplar.cli import EXIT_USER_ERROR, main
+
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Say hi"}])
+    args = [
+        "generate",
+        str(tmp_path),
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--output",
+        str(tmp_path / "o.jsonl"),
+    ]
+    assert main([*args, "--num-samples", "0"]) == EXIT_USER_ERROR
+    assert "--num-samples" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()

@@ -1,4 +1,4 @@
-"""`exemplar chat`: an interactive REPL that streams the model's answer token by token."""
+"""`exemplar chat`: an interactive REPL over any `Generator`, streaming the answer as it comes."""
 
 from __future__ import annotations
 
@@ -6,56 +6,30 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-import torch
-from transformers import TextStreamer
-
-from exemplar.evaluate.generation import (
-    EncodePrompt,
-    answer_of,
-    default_encode_prompt,
-    make_generation_config,
-    pad_id_of,
-    stop_ids_of,
-)
+from exemplar.evaluate.generator import GenerationError, GenerationRequest, Generator
 
 HELP = "Type a message; /reset clears the conversation, /exit quits."
 
 
-class _WriterStreamer(TextStreamer):
-    """TextStreamer that writes to any text stream (the stock one prints to stdout)."""
-
-    def __init__(self, tokenizer: Any, output: TextIO):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.output = output
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        self.output.write(text + ("\n" if stream_end else ""))
-        self.output.flush()
-
-
 def chat_loop(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    encode_prompt: EncodePrompt | None = None,
+    generator: Generator,
     input_fn: Callable[[str], str] = input,
     output: TextIO = sys.stdout,
     system: str | None = None,
     max_new_tokens: int = 512,
     temperature: float = 0.0,
     top_p: float = 1.0,
-    stop_token_ids: list[int] | None = None,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Chat until /exit or end of input; return the conversation as it stood at the end.
 
-    The whole history is re-encoded each turn with `encode_prompt`, so the prompt is exactly what
-    the chat template produces for that conversation (the same encoding used in training).
+    The whole history is sent each turn, so the prompt is exactly what the prompt encoder (the
+    training one, for the local backend) produces for that conversation. Turn t samples with
+    seed `seed + t`.
     """
-    encode = encode_prompt or default_encode_prompt(tokenizer)
-    stops = stop_token_ids or stop_ids_of(model, tokenizer)
-    config = make_generation_config(max_new_tokens, temperature, top_p, stops, pad_id_of(tokenizer, stops))
     history = _fresh(system)
     output.write(HELP + "\n")
-    model.eval()
+    turn = 0
     while True:
         try:
             line = input_fn(">>> ")
@@ -72,25 +46,27 @@ def chat_loop(
         if not text:
             continue
         history.append({"role": "user", "content": line})
-        answer = _reply(model, tokenizer, encode(history), config, stops, output)
-        history.append({"role": "assistant", "content": answer})
+        request = GenerationRequest(
+            list(history),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed + turn,
+        )
+        pieces = []
+        try:
+            for piece in generator.stream(request):
+                output.write(piece)
+                output.flush()
+                pieces.append(piece)
+        except GenerationError as e:  # a server that stayed down: say so, keep the chat going
+            output.write(f"\n(no answer: {e})\n")
+            history.pop()
+            continue
+        output.write("\n")
+        history.append({"role": "assistant", "content": "".join(pieces)})
+        turn += 1
     return history
-
-
-@torch.inference_mode()
-def _reply(
-    model: torch.nn.Module, tokenizer: Any, prompt: list[int], config: Any, stops: list[int], output: TextIO
-) -> str:
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    streamer = _WriterStreamer(tokenizer, output)
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        generation_config=config,
-        streamer=streamer,
-    )
-    return answer_of(tokenizer, out[0, len(prompt) :].tolist(), stops)["text"]
 
 
 def _fresh(system: str | None) -> list[dict[str, Any]]:

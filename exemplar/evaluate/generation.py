@@ -1,22 +1,22 @@
-"""Batched generation through `model.generate`, and the `exemplar generate` file-to-file command."""
+"""Batched generation through `model.generate`: the engine under the local `Generator` backend
+(exemplar/evaluate/local.py) and the quickstart's before/after measurement."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import GenerationConfig
 
-from exemplar.errors import DataError, RowError
-
 EncodePrompt = Callable[[list[dict[str, Any]]], list[int]]
 
 
 def default_encode_prompt(tokenizer: Any) -> EncodePrompt:
-    """Messages -> prompt ids with the tokenizer's chat template and the assistant header appended."""
+    """Messages -> prompt ids with the tokenizer's chat template and the assistant header appended.
+
+    Not what the generators use: `apply_chat_template` turns special-token strings typed by a user
+    into control tokens; `exemplar.data.encode.prompt_encoder` (the training encoder) keeps them text."""
 
     def encode(messages: list[dict[str, Any]]) -> list[int]:
         out = tokenizer.apply_chat_template(
@@ -69,8 +69,8 @@ def generate_batch(
     the stop token; `stopped` is false when the answer hit `max_new_tokens` instead.
     """
     stops = list(stop_token_ids) if stop_token_ids else stop_ids_of(model, tokenizer)
-    pad = pad_id_of(tokenizer, stops)
-    config = make_generation_config(max_new_tokens, temperature, top_p, stops, pad)
+    config = generation_config_for(tokenizer, stops, max_new_tokens, temperature, top_p)
+    pad = int(config.pad_token_id)
     device = _device_of(model)
     order = sorted(range(len(prompts_token_ids)), key=lambda i: -len(prompts_token_ids[i]))
     results: list[dict[str, Any]] = [{}] * len(order)
@@ -89,77 +89,12 @@ def generate_batch(
     return results
 
 
-def generate_file(
-    model_dir: str | Path,
-    input_jsonl: str | Path,
-    output_jsonl: str | Path,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 8,
-    encode_prompt: EncodePrompt | None = None,
-    device: str | torch.device | None = None,
-    system: str | None = None,
-) -> int:
-    """`exemplar generate`: answer each line of a JSONL file; return the number of lines written.
-
-    Input lines are {"prompt": str} or {"messages": [...]}. For messages, trailing assistant
-    messages are dropped from the prompt (so a held-out file with reference answers can be used
-    as is). Output lines keep every input field and add "response" and "stopped".
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    rows = read_prompt_rows(input_jsonl)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    target = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True).to(target)
-    encode = encode_prompt or default_encode_prompt(tokenizer)
-    prompts = [encode(prompt_messages(row, system)) for row in rows]
-    outputs = generate_batch(
-        model, tokenizer, prompts, max_new_tokens, temperature, top_p, seed, batch_size=batch_size
-    )
-    output_jsonl = Path(output_jsonl)
-    output_jsonl.parent.mkdir(parents=True, exist_ok=True)
-    with output_jsonl.open("w", encoding="utf-8") as f:
-        for row, out in zip(rows, outputs, strict=True):
-            f.write(
-                json.dumps({**row, "response": out["text"], "stopped": out["stopped"]}, ensure_ascii=False)
-            )
-            f.write("\n")
-    return len(rows)
-
-
-def read_prompt_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a prompts JSONL file, each checked to have a usable "prompt" or "messages" field."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"input file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RowError(str(path), f"line {number}", None, f"not valid JSON: {e}") from None
-            _check_prompt_row(row, str(path), number)
-            rows.append(row)
-    return rows
-
-
-def prompt_messages(row: dict[str, Any], system: str | None = None) -> list[dict[str, Any]]:
-    """The conversation to answer: {"prompt"} becomes one user turn; trailing assistant turns are cut."""
-    if "messages" in row:
-        messages = list(row["messages"])
-        while messages and messages[-1].get("role") == "assistant":
-            messages.pop()
-    else:
-        messages = [{"role": "user", "content": row["prompt"]}]
-    if system is not None and not (messages and messages[0].get("role") == "system"):
-        messages.insert(0, {"role": "system", "content": system})
-    return messages
+def generation_config_for(
+    tokenizer: Any, stops: list[int], max_new_tokens: int, temperature: float, top_p: float
+) -> GenerationConfig:
+    """The generation config of every local generation (batched, streamed): the one place that
+    picks the padding id."""
+    return make_generation_config(max_new_tokens, temperature, top_p, stops, pad_id_of(tokenizer, stops))
 
 
 def make_generation_config(
@@ -197,23 +132,6 @@ def pad_id_of(tokenizer: Any, stops: list[int]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_prompt_row(row: Any, file: str, number: int) -> None:
-    where = f"line {number}"
-    if not isinstance(row, dict):
-        raise RowError(file, where, None, "expected a JSON object with 'prompt' or 'messages'")
-    if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise RowError(file, where, "messages", "expected a list of {role, content} objects")
-        if not any(m.get("role") != "assistant" for m in messages):
-            raise RowError(file, where, "messages", "no prompt left after removing the assistant answer")
-    elif "prompt" in row:
-        if not isinstance(row["prompt"], str):
-            raise RowError(file, where, "prompt", "expected a string")
-    else:
-        raise RowError(file, where, None, "expected a 'prompt' or a 'messages' field")
 
 
 def _generate_chunk(
