@@ -34,6 +34,13 @@ _EXPORTS = {
     "TokenizedExample": "exemplar.data.schema",
     # training
     "finetune": "exemplar.train.finetune",
+    # generation: one interface for local model folders and OpenAI-compatible servers
+    "Generator": "exemplar.evaluate.generator",
+    "GenerationRequest": "exemplar.evaluate.generator",
+    "GenerationResult": "exemplar.evaluate.generator",
+    "LocalGenerator": "exemplar.evaluate.local",
+    "HttpGenerator": "exemplar.evaluate.http_generator",
+    "generate_file": "exemplar.evaluate.file_generation",
     # errors
     "ExemplarError": "exemplar.errors",
     "ConfigError": "exemplar.errors",

@@ -136,7 +136,9 @@ def config_from(
         mapping = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"model.from_config: {path} is not valid JSON: {e}") from None
-    if "auto_map" in mapping and trust_remote_code:
+    if "auto_map" in mapping:
+        if not trust_remote_code:
+            raise ConfigError(_REMOTE_CODE_REFUSED.format(source=path))
         return AutoConfig.from_pretrained(str(path.parent), trust_remote_code=True)
     return _config_from_mapping({**(token_ids or {}), **mapping}, str(path))
 
@@ -208,6 +210,7 @@ def _from_pretrained(
     attn: str,
     device: torch.device | None,
 ) -> PreTrainedModel:
+    _refuse_remote_code(source, model_cfg.trust_remote_code)
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "trust_remote_code": model_cfg.trust_remote_code,
@@ -243,6 +246,24 @@ _PICKLE_REFUSED = (
     "model.path '{source}' has only .bin (pickle) weights, which can run code when loaded: convert them "
     "to safetensors, or set model.allow_pickle_weights: true for files you trust"
 )
+
+
+_REMOTE_CODE_REFUSED = (
+    "{source} ships its own Python code (`auto_map` in config.json), which would run on loading: set "
+    "model.trust_remote_code: true only for sources you trust"
+)
+
+
+def _refuse_remote_code(source: str, trusted: bool) -> None:
+    config = Path(source) / "config.json"
+    if trusted or not config.is_file():
+        return  # a Hub id: transformers itself refuses its code without trust_remote_code
+    try:
+        mapping = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # transformers reports an unreadable config
+    if isinstance(mapping, dict) and "auto_map" in mapping:
+        raise ConfigError(_REMOTE_CODE_REFUSED.format(source=source))
 
 
 def _use_safetensors(source: str, allow_pickle: bool) -> bool:
