@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from exemplar.data.packing import collate_packed, collate_padded, flatten_batch
 from exemplar.data.schema import IGNORE_INDEX
 from exemplar.train import loss as loss_module
+from exemplar.train.batch import collate_packed, collate_padded, flatten_batch
 from exemplar.train.loss import PACKED_SDPA, LMLoss, fused_linear_cross_entropy
 from tests.train_helpers import synthetic_examples, tiny_model
 

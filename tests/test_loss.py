@@ -8,8 +8,8 @@ import peft
 import pytest
 import torch
 
-from exemplar.data.packing import collate_packed, collate_padded
 from exemplar.data.schema import IGNORE_INDEX
+from exemplar.train.batch import collate_packed, collate_padded
 from exemplar.train.batching import TrainPlan
 from exemplar.train.loop import train_step
 from exemplar.train.loss import LMLoss

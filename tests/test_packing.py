@@ -10,15 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exemplar.data.packing import (
-    best_fit_decreasing,
-    collate_packed,
-    collate_padded,
-    fill_ratio,
-    first_fit,
-    flatten_batch,
-)
+from exemplar.data.packing import best_fit_decreasing, fill_ratio, first_fit
 from exemplar.data.schema import IGNORE_INDEX
+from exemplar.train.batch import collate_packed, collate_padded, flatten_batch
 from exemplar.train.loss import LMLoss
 from tests.train_helpers import synthetic_examples, tiny_model
 

@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from exemplar.config import Config, TrainConfig
-from exemplar.data.packing import Batch, collate_packed, collate_padded, flatten_batch
 from exemplar.data.schema import IGNORE_INDEX
 from exemplar.errors import ExemplarError
 from exemplar.train import distributed as dist_utils
+from exemplar.train.batch import Batch, collate_packed, collate_padded, flatten_batch
 from exemplar.train.batching import Seq, TrainPlan, example_lengths
 from exemplar.train.checkpoint import (
     config_hash,

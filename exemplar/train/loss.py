@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from exemplar.data.packing import Batch
 from exemplar.data.schema import IGNORE_INDEX
+from exemplar.train.batch import Batch
 
 log = logging.getLogger(__name__)
 
