@@ -97,3 +97,9 @@ def embeddings_tied(model: torch.nn.Module) -> bool:
     if output is None:
         return False
     return output.weight is model.get_input_embeddings().weight
+
+
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (LoRA layers stay injected in it)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model

@@ -416,7 +416,7 @@ def decoder_blocks(loss_fn: nn.Module) -> list[nn.Module]:
 
     Falls back to the children of the longest `nn.ModuleList` for models that do not name them.
     """
-    from exemplar.train.loss import unwrap_peft
+    from exemplar.model.lora import unwrap_peft
 
     model = getattr(loss_fn, "model", loss_fn)
     names = set(getattr(unwrap_peft(model), "_no_split_modules", None) or ())
@@ -495,7 +495,7 @@ def model_for_export(model: nn.Module, world: World) -> nn.Module | None:
 def _plain_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     from peft import PeftModel, get_peft_model
 
-    from exemplar.train.loss import unwrap_peft
+    from exemplar.model.lora import unwrap_peft
 
     lm = unwrap_peft(model)
     config = copy.deepcopy(lm.config)

@@ -33,6 +33,7 @@ from exemplar.config import Config, TrainConfig
 from exemplar.data.schema import IGNORE_INDEX
 from exemplar.errors import ExemplarError
 from exemplar.train import distributed as dist_utils
+from exemplar.train.attention import needs_flat_batches
 from exemplar.train.batch import Batch, collate_packed, collate_padded, flatten_batch
 from exemplar.train.batching import Seq, TrainPlan, example_lengths
 from exemplar.train.checkpoint import (
@@ -43,7 +44,7 @@ from exemplar.train.checkpoint import (
     remove_stale,
     save_checkpoint,
 )
-from exemplar.train.loss import LMLoss, needs_flat_batches
+from exemplar.train.loss import LMLoss
 from exemplar.train.metrics import MetricsLogger, peak_memory
 from exemplar.train.schedule import build_optimizer, lr_at, schedule_state, set_lr
 
