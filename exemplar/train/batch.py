@@ -143,3 +143,42 @@ def _real_docs(doc_lengths: list[list[int]], row_lengths: list[int]) -> list[int
             out.append(n)
             total += n
     return out
+
+
+class BatchLoader:
+    """Turns planned rows (tuples of example indices) into tensors on the training device."""
+
+    def __init__(self, dataset, packing: bool, pad_id: int, device: torch.device, flat: bool):
+        self.dataset = dataset.select_columns(["input_ids", "labels"])
+        self.packing, self.pad_id, self.device, self.flat = packing, pad_id, device, flat
+        self._filler: Batch | None = None
+
+    def filler(self) -> Batch:
+        """A 2-token batch with one trained position, run with weight 0 by a rank with no rows left.
+
+        A real (not all-masked) target makes the pass touch every parameter the real ones do
+        (the output layer included), so the gradient collectives of FSDP/DDP line up.
+        """
+        if self._filler is None:
+            example = ([self.pad_id, self.pad_id], [IGNORE_INDEX, self.pad_id])
+            batch = (
+                collate_packed([[example]], self.pad_id)
+                if self.packing
+                else collate_padded([example], self.pad_id)
+            )
+            self._filler = (flatten_batch(batch) if self.flat else batch).to(self.device)
+        return self._filler
+
+    def __call__(self, rows: list[tuple[int, ...]]) -> Batch:
+        wanted = sorted({i for row in rows for i in row})
+        data = self.dataset[wanted]
+        examples = {
+            i: (ids, labs) for i, ids, labs in zip(wanted, data["input_ids"], data["labels"], strict=True)
+        }
+        if self.packing:
+            batch = collate_packed([[examples[i] for i in row] for row in rows], self.pad_id)
+        else:
+            batch = collate_padded([examples[row[0]] for row in rows], self.pad_id)
+        if self.flat:
+            batch = flatten_batch(batch)
+        return batch.to(self.device)

@@ -20,7 +20,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +30,12 @@ import torch
 from torch import nn
 
 from exemplar.config import Config, TrainConfig
-from exemplar.data.schema import IGNORE_INDEX
 from exemplar.errors import ExemplarError
+from exemplar.evaluate import likelihood
 from exemplar.train import distributed as dist_utils
 from exemplar.train.attention import needs_flat_batches
-from exemplar.train.batch import Batch, collate_packed, collate_padded, flatten_batch
-from exemplar.train.batching import Seq, TrainPlan, example_lengths
+from exemplar.train.batch import Batch, BatchLoader
+from exemplar.train.batching import TrainPlan, checked_lengths
 from exemplar.train.checkpoint import (
     config_hash,
     latest_checkpoint,
@@ -46,6 +46,7 @@ from exemplar.train.checkpoint import (
 )
 from exemplar.train.loss import LMLoss
 from exemplar.train.metrics import MetricsLogger, peak_memory
+from exemplar.train.precision import autocast_factory
 from exemplar.train.schedule import build_optimizer, lr_at, schedule_state, set_lr
 
 log = logging.getLogger(__name__)
@@ -124,92 +125,6 @@ def train_step(
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation
-
-
-@torch.no_grad()
-def evaluate(
-    loss_fn: LMLoss,
-    batches: Iterable[Batch | tuple[Batch, bool]],
-    autocast: Callable[[], contextlib.AbstractContextManager],
-    world: dist_utils.World = dist_utils.SINGLE,
-) -> dict[str, float]:
-    """Loss, perplexity and token accuracy over every trained token of `batches`.
-
-    Items may be (batch, counted) pairs: uncounted ones are fillers that keep the ranks' forward
-    passes in step. With several ranks the sums are all-reduced, so every rank returns the totals.
-    """
-    was_training = loss_fn.model.training
-    loss_fn.model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    try:
-        for item in batches:
-            batch, counted = item if isinstance(item, tuple) else (item, True)
-            with autocast():
-                sums = loss_fn(batch, with_accuracy=True)
-            if not counted:
-                continue
-            loss_sum += float(sums.loss_sum)
-            correct += int(sums.num_correct)
-            count += sums.num_trained
-    finally:
-        loss_fn.model.train(was_training)
-    if world.distributed:
-        loss_sum, correct, count = dist_utils.all_reduce_sum([loss_sum, correct, count], world)
-        correct, count = int(correct), int(count)
-    loss = loss_sum / max(count, 1)
-    return {
-        "eval_loss": loss,
-        "eval_perplexity": math.exp(loss) if loss < 700 else math.inf,
-        "eval_token_accuracy": correct / max(count, 1),
-        "eval_tokens": count,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches from the dataset
-
-
-class BatchLoader:
-    """Turns planned rows (tuples of example indices) into tensors on the training device."""
-
-    def __init__(self, dataset, packing: bool, pad_id: int, device: torch.device, flat: bool):
-        self.dataset = dataset.select_columns(["input_ids", "labels"])
-        self.packing, self.pad_id, self.device, self.flat = packing, pad_id, device, flat
-        self._filler: Batch | None = None
-
-    def filler(self) -> Batch:
-        """A 2-token batch with one trained position, run with weight 0 by a rank with no rows left.
-
-        A real (not all-masked) target makes the pass touch every parameter the real ones do
-        (the output layer included), so the gradient collectives of FSDP/DDP line up.
-        """
-        if self._filler is None:
-            example = ([self.pad_id, self.pad_id], [IGNORE_INDEX, self.pad_id])
-            batch = (
-                collate_packed([[example]], self.pad_id)
-                if self.packing
-                else collate_padded([example], self.pad_id)
-            )
-            self._filler = (flatten_batch(batch) if self.flat else batch).to(self.device)
-        return self._filler
-
-    def __call__(self, rows: list[Seq]) -> Batch:
-        wanted = sorted({i for row in rows for i in row})
-        data = self.dataset[wanted]
-        examples = {
-            i: (ids, labs) for i, ids, labs in zip(wanted, data["input_ids"], data["labels"], strict=True)
-        }
-        if self.packing:
-            batch = collate_packed([[examples[i] for i in row] for row in rows], self.pad_id)
-        else:
-            batch = collate_padded([examples[row[0]] for row in rows], self.pad_id)
-        if self.flat:
-            batch = flatten_batch(batch)
-        return batch.to(self.device)
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
 
 
@@ -271,11 +186,24 @@ def run_training(
     device = _place(model)
     flat = needs_flat_batches(model)
 
-    lengths = _checked_lengths(train_ds, config.max_length)
+    lengths = checked_lengths(train_ds, config.max_length)
     plan = _plan(config, lengths, shuffle=config.data.shuffle, world_size=world.world_size)
     total_steps = plan.total_steps(train.epochs, train.max_steps)
     load = BatchLoader(train_ds, config.packing, _pad_id(tokenizer), device, flat)
-    eval_batches = _eval_batches(config, eval_ds, tokenizer, device, flat, world) if eval_ds else None
+    eval_batches = None
+    if eval_ds:
+        eval_batches = likelihood.eval_batches(
+            eval_ds,
+            max_length=config.max_length,
+            packing=config.packing,
+            micro_batch_size=train.micro_batch_size,
+            max_tokens_per_batch=train.max_tokens_per_batch,
+            seed=train.seed,
+            pad_id=_pad_id(tokenizer),
+            device=device,
+            flat=flat,
+            world=world,
+        )
     fingerprint = _fingerprint(plan)
     dist_utils.check_same_everywhere(fingerprint, world, "the training data")
 
@@ -326,7 +254,7 @@ def run_training(
         _emit(callbacks, "save", {"step": state.step, "path": str(path)})
 
     def run_eval() -> None:
-        result = evaluate(evaluator, eval_batches(), autocast, world)
+        result = likelihood.evaluate(evaluator, eval_batches(), autocast, world)
         state.last_eval, state.last_eval_step = result, state.step
         row = {"step": state.step, "epoch": round(state.step / plan.steps_per_epoch, 4), **result}
         logger.log_eval(row)
@@ -415,16 +343,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """A fresh autocast context per use: bf16 on GPU under `auto`, fp32 on CPU unless `bf16`."""
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    if not use_bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def _place(model: nn.Module) -> torch.device:
     """Train where the model is; move a CPU model to the GPU when there is one (not quantized ones)."""
     device = next(model.parameters()).device
@@ -443,54 +361,19 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def _checked_lengths(dataset, max_length: int, what: str = "training") -> np.ndarray:
-    lengths = example_lengths(dataset)
-    if len(lengths) == 0:
-        raise ExemplarError(f"no {what} examples: the {what} dataset is empty")
-    if lengths.min() < 1 or lengths.max() > max_length:
-        bad = int(np.flatnonzero((lengths < 1) | (lengths > max_length))[0])
-        raise ExemplarError(
-            f"{what} row {bad} has {int(lengths[bad])} tokens; rows must have 1 to max_length={max_length}"
-        )
-    return lengths
-
-
-def _plan(
-    config: Config, lengths: np.ndarray, shuffle: bool, grad_accum: int | None = None, world_size: int = 1
-) -> TrainPlan:
+def _plan(config: Config, lengths: np.ndarray, shuffle: bool, world_size: int = 1) -> TrainPlan:
     train: TrainConfig = config.train
     return TrainPlan.build(
         lengths,
         max_length=config.max_length,
         packing=config.packing,
         micro_batch_size=train.micro_batch_size,
-        grad_accum=grad_accum or train.grad_accum,
+        grad_accum=train.grad_accum,
         max_tokens_per_batch=train.max_tokens_per_batch,
         seed=train.seed,
         shuffle=shuffle,
         world_size=world_size,
     )
-
-
-def _eval_batches(
-    config: Config, eval_ds, tokenizer: Any, device: torch.device, flat: bool, world: dist_utils.World
-):
-    """A re-iterable of (batch, counted) pairs: this rank's share of each planned step, in dataset
-    order, plus fillers so that every rank runs as many forward passes as the busiest one."""
-    lengths = _checked_lengths(eval_ds, config.max_length, "eval")
-    plan = _plan(config, lengths, shuffle=False, grad_accum=1, world_size=world.world_size)
-    load = BatchLoader(eval_ds, config.packing, _pad_id(tokenizer), device, flat)
-
-    def batches():
-        for step in plan.epoch_steps(0):
-            mine = plan.rank_micro_batches(step, world.rank, world.world_size)
-            for rows in mine:
-                yield load(rows), True
-            if world.distributed:
-                for _ in range(plan.micro_batches_per_rank(step, world.world_size) - len(mine)):
-                    yield load.filler(), False
-
-    return batches
 
 
 def _fingerprint(plan: TrainPlan) -> str:
