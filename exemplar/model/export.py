@@ -29,6 +29,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from exemplar.config import ModelConfig, TrainConfig
 from exemplar.errors import ExemplarError
+from exemplar.model.lora import is_quantized
 
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
@@ -54,7 +55,7 @@ def save_model(
         return written
     written["adapter"] = _save_adapter(model, tokenizer, out_dir / ADAPTER_DIR, stop_token_ids)
     if merge:
-        if _is_quantized(model):
+        if is_quantized(model):
             # Merging into 4-bit weights would round the merged result to 4 bits: reload the base in
             # full precision from where it came from and merge the saved adapter into that instead.
             base = model.peft_config[model.active_adapter].base_model_name_or_path
@@ -241,11 +242,6 @@ def _saved_stop_ids(folder: Path) -> list[int]:
     if eos is None:
         return []
     return list(eos) if isinstance(eos, list) else [eos]
-
-
-def _is_quantized(model: torch.nn.Module) -> bool:
-    base = model.get_base_model()
-    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
 
 
 def _unique(ids: list[int | None]) -> list[int]:

@@ -39,6 +39,7 @@ from torch import nn
 
 from exemplar.config import TrainConfig
 from exemplar.errors import ConfigError, ExemplarError
+from exemplar.model.lora import is_quantized
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +397,7 @@ def shard_model(
             log.warning("train.cpu_offload_optimizer has no effect when training on the CPU")
     # QLoRA: the frozen 4-bit weights stay whole on every rank (bitsandbytes packs them itself);
     # only the trainable adapter is sharded.
-    ignored = {p for p in loss_fn.parameters() if not p.requires_grad} if _is_quantized(loss_fn) else None
+    ignored = {p for p in loss_fn.parameters() if not p.requires_grad} if is_quantized(loss_fn) else None
     kwargs: dict[str, Any] = {"mesh": mesh, "mp_policy": mp_policy, "offload_policy": offload}
     if ignored:
         kwargs["ignored_params"] = ignored
@@ -454,13 +455,6 @@ def _sum_hook(state, bucket):  # no annotations: DDP checks them, and ours are s
     return fut.then(lambda f: f.value()[0])
 
 
-def _is_quantized(module: nn.Module) -> bool:
-    return any(
-        getattr(m, "is_loaded_in_4bit", False) or getattr(m, "is_loaded_in_8bit", False)
-        for m in module.modules()
-    )
-
-
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -482,7 +476,7 @@ def model_for_export(model: nn.Module, world: World) -> nn.Module | None:
         return model if world.is_main else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    quantized = _is_quantized(model)
+    quantized = is_quantized(model)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=quantized)
     state = get_model_state_dict(model, options=options)
     if not world.is_main:

@@ -32,6 +32,7 @@ from torch import nn
 from exemplar.config import Config, TrainConfig
 from exemplar.errors import ExemplarError
 from exemplar.evaluate import likelihood
+from exemplar.model.lora import is_quantized
 from exemplar.train import distributed as dist_utils
 from exemplar.train.attention import needs_flat_batches
 from exemplar.train.batch import Batch, BatchLoader
@@ -346,7 +347,7 @@ def seed_everything(seed: int) -> None:
 def _place(model: nn.Module) -> torch.device:
     """Train where the model is; move a CPU model to the GPU when there is one (not quantized ones)."""
     device = next(model.parameters()).device
-    if device.type == "cpu" and torch.cuda.is_available() and not getattr(model, "is_quantized", False):
+    if device.type == "cpu" and torch.cuda.is_available() and not is_quantized(model):
         model.to("cuda")
         device = torch.device("cuda")
     return device
