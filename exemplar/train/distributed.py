@@ -24,7 +24,6 @@ and the head itself.
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import logging
 import math
@@ -453,84 +452,3 @@ def _sum_hook(state, bucket):  # no annotations: DDP checks them, and ours are s
     group = state if state is not None else dist.group.WORLD
     fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-# ---------------------------------------------------------------------------------------------
-# The final model, in one piece
-
-
-def model_for_export(model: nn.Module, world: World) -> nn.Module | None:
-    """On rank 0, a model that `save_model` can write as an ordinary Hugging Face folder; None elsewhere.
-
-    Collective when the model is FSDP2-sharded: every rank must call it. The full state dict is
-    gathered to rank 0's CPU one tensor at a time, then loaded into a fresh copy of the model built
-    on the meta device (no second initialization). A DDP or single-process model is returned as is.
-    """
-    if not is_sharded(model):
-        return model if world.is_main else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    quantized = is_quantized(model)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=quantized)
-    state = get_model_state_dict(model, options=options)
-    if not world.is_main:
-        return None
-    if quantized:
-        return _unshard_in_place(model, state)
-    return _plain_copy(model, state)
-
-
-def _plain_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    from peft import PeftModel, get_peft_model
-
-    from exemplar.model.lora import unwrap_peft
-
-    lm = unwrap_peft(model)
-    config = copy.deepcopy(lm.config)
-    with torch.device("meta"):
-        fresh = type(lm)._from_config(config)  # the class itself: remote-code models included
-        if isinstance(model, PeftModel):
-            adapter = model.active_adapter
-            fresh = get_peft_model(fresh, copy.deepcopy(model.peft_config[adapter]), adapter_name=adapter)
-    result = fresh.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise ExemplarError(f"gathered weights do not fit the model: {', '.join(result.unexpected_keys[:5])}")
-    # Non-persistent buffers (rotary tables) are not in the state dict: take them from the original.
-    originals = dict(model.named_buffers())
-    for name, buf in list(fresh.named_buffers()):
-        if buf.is_meta and name in originals:
-            module_name, _, attr = name.rpartition(".")
-            owner = fresh.get_submodule(module_name) if module_name else fresh
-            persistent = attr not in getattr(owner, "_non_persistent_buffers_set", set())
-            owner.register_buffer(attr, originals[name].detach().to("cpu").clone(), persistent=persistent)
-    base = unwrap_peft(fresh)
-    if hasattr(base, "tie_weights"):
-        base.tie_weights()
-    still_meta = [n for n, t in [*fresh.named_parameters(), *fresh.named_buffers()] if t.is_meta]
-    if still_meta:
-        raise ExemplarError(f"gathered weights lack {', '.join(still_meta[:5])}")
-    if getattr(lm, "generation_config", None) is not None:
-        base.generation_config = copy.deepcopy(lm.generation_config)
-    base.name_or_path = getattr(lm, "name_or_path", "")
-    return fresh.eval()
-
-
-def _unshard_in_place(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """QLoRA: swap the sharded trainable (adapter) weights for their gathered full values, on rank 0.
-
-    The 4-bit base stays as loaded (it was never sharded). The model cannot train afterwards.
-    """
-    params = dict(model.named_parameters())
-    for name, value in state.items():
-        if name not in params:
-            continue
-        module_name, _, attr = name.rpartition(".")
-        owner = model.get_submodule(module_name) if module_name else model
-        setattr(owner, attr, nn.Parameter(value.to(params[name].device), requires_grad=False))
-    return model

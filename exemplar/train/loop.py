@@ -166,7 +166,7 @@ def run_training(
     tqdm bar. The model is left trained, in eval mode.
 
     Under torchrun with several ranks every rank calls this with the same arguments; the model is
-    then left wrapped (FSDP2: sharded; `distributed.model_for_export` gathers it). Only rank 0
+    then left wrapped (FSDP2: sharded; `exemplar.model.export.model_for_export` gathers it). Only rank 0
     writes metrics, the summary and the progress bar; callbacks run on every rank.
     """
     train = config.train
