@@ -75,25 +75,22 @@ def train_step(
     *,
     max_grad_norm: float | None,
     autocast: Callable[[], contextlib.AbstractContextManager],
-    reduce_count: Callable[[int], int] | None = None,
     fillers: Sequence[Batch] = (),
     sync: dist_utils.RankSync | None = None,
 ) -> StepResult:
     """Forward/backward every micro-batch of one step, then clip and update.
 
     Every micro-batch's summed loss is divided by the trained tokens of the whole step (on every
-    rank, once `reduce_count` all-reduces the count), so the gradient is the mean over the step's
-    tokens whatever the micro-batch size, accumulation, or number of ranks.
+    rank, once `sync` all-reduces the count), so the gradient is the mean over the step's tokens
+    whatever the micro-batch size, accumulation, or number of ranks.
 
-    With several ranks, `sync` all-reduces the count (unless `reduce_count` is given), the
-    reported loss and tokens, and takes the global gradient norm; `fillers` are run with weight 0
-    after the real micro-batches, so that every rank runs as many passes as the busiest one.
+    With several ranks, `sync` all-reduces the count, the reported loss and tokens, and takes the
+    global gradient norm; `fillers` are run with weight 0 after the real micro-batches, so that
+    every rank runs as many passes as the busiest one.
     """
     num_trained = sum(b.num_trained for b in micro_batches)
-    if reduce_count is None and sync is not None:
-        reduce_count = sync.count
-    if reduce_count is not None:
-        num_trained = reduce_count(num_trained)
+    if sync is not None:
+        num_trained = sync.count(num_trained)
     denominator = max(num_trained, 1)
 
     optimizer.zero_grad(set_to_none=True)
