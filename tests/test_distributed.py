@@ -119,6 +119,23 @@ def test_distributed_none_under_torchrun_is_refused(monkeypatch):
         init_distributed(TrainConfig(distributed="none"))
 
 
+def test_the_strategy_is_one_decision_from_the_config_and_the_ranks():
+    from exemplar.config import TrainConfig
+    from exemplar.errors import ConfigError
+    from exemplar.train.distributed import World, resolve_strategy
+
+    two = World(world_size=2)
+    assert resolve_strategy(TrainConfig(distributed="fsdp2"), World()) == "none"
+    assert resolve_strategy(TrainConfig(), two) == "fsdp2"
+    assert resolve_strategy(TrainConfig(method="qlora"), two) == "ddp"  # 4-bit weights do not shard
+    assert resolve_strategy(TrainConfig(distributed="ddp"), two) == "ddp"
+    assert resolve_strategy(TrainConfig(cpu_offload_optimizer=True), two) == "fsdp2"
+    with pytest.raises(ConfigError, match="cpu_offload_optimizer"):
+        resolve_strategy(TrainConfig(distributed="ddp", cpu_offload_optimizer=True), two)
+    with pytest.raises(ConfigError, match="distributed is 'none'"):
+        resolve_strategy(TrainConfig(distributed="none"), two)
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole runs on 2 ranks
 

@@ -113,11 +113,8 @@ def init_distributed(train: TrainConfig | None = None) -> tuple[World, bool]:
     world_size = launched_world_size()
     if world_size <= 1:
         return SINGLE, False
-    if train is not None and train.distributed == "none":
-        raise ConfigError(
-            f"train.distributed is 'none' but torchrun started {world_size} ranks: "
-            "set train.distributed to auto, fsdp2 or ddp, or launch one process"
-        )
+    if train is not None:  # refuse a strategy that cannot run before joining the group
+        resolve_strategy(train, World(world_size=world_size))
     if not dist.is_available():
         raise ExemplarError(
             "this PyTorch build has no torch.distributed: multi-process training is unavailable"
@@ -142,17 +139,27 @@ def shutdown() -> None:
 
 
 def resolve_strategy(train: TrainConfig, world: World) -> str:
-    """'none' for one process; else fsdp2 or ddp (auto: fsdp2, ddp for QLoRA's 4-bit weights)."""
+    """How `world`'s ranks train: 'none' for one process; else 'fsdp2' or 'ddp' (auto: fsdp2, ddp
+    for QLoRA's 4-bit weights). The training loop resolves it once and hands it to the wrapping.
+
+    Raises ConfigError for settings that cannot run on `world` (and warns for ignored ones).
+    """
     if not world.distributed:
-        return "none"
-    if train.distributed == "none":
-        raise ConfigError(f"train.distributed is 'none' but {world.world_size} ranks are running")
-    if train.distributed == "auto":
-        return "ddp" if train.method == "qlora" else "fsdp2"
-    return train.distributed
+        strategy = "none"
+    elif train.distributed == "none":
+        raise ConfigError(
+            f"train.distributed is 'none' but torchrun started {world.world_size} ranks: "
+            "set train.distributed to auto, fsdp2 or ddp, or launch one process"
+        )
+    elif train.distributed == "auto":
+        strategy = "ddp" if train.method == "qlora" else "fsdp2"
+    else:
+        strategy = train.distributed
+    _check_offload(train, strategy)
+    return strategy
 
 
-def check_offload(train: TrainConfig, strategy: str) -> None:
+def _check_offload(train: TrainConfig, strategy: str) -> None:
     if not train.cpu_offload_optimizer or strategy == "fsdp2":
         return
     if strategy == "none":
@@ -347,26 +354,24 @@ def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 class Wrapped:
     forward: nn.Module  # what train_step calls (the FSDP2 root, or the DDP wrapper)
     evaluator: nn.Module  # what evaluation calls (every rank, same number of times)
-    sync: RankSync
-    strategy: str
+    sync: RankSync  # carries the strategy
 
 
 def wrap_for_training(
-    loss_fn: nn.Module, train: TrainConfig, world: World, device: torch.device, bf16: bool
+    loss_fn: nn.Module, strategy: str, train: TrainConfig, world: World, device: torch.device, bf16: bool
 ) -> Wrapped:
-    """Wrap the loss module (an `LMLoss`) for `world`'s ranks with FSDP2 or DDP.
+    """Wrap the loss module (an `LMLoss`) for `world`'s ranks with FSDP2 or DDP (`strategy`, from
+    `resolve_strategy`).
 
     Call after the model is on its device and gradient checkpointing is set, and build the
     optimizer afterwards (FSDP2 replaces the parameters with sharded ones).
     """
-    strategy = resolve_strategy(train, world)
-    check_offload(train, strategy)
     if strategy == "fsdp2":
         shard_model(loss_fn, train, world, device, bf16)
-        return Wrapped(loss_fn, loss_fn, RankSync(world, strategy), strategy)
+        return Wrapped(loss_fn, loss_fn, RankSync(world, strategy))
     if strategy == "ddp":
         ddp = _ddp(loss_fn, device)
-        return Wrapped(ddp, loss_fn, RankSync(world, strategy, ddp), strategy)
+        return Wrapped(ddp, loss_fn, RankSync(world, strategy, ddp))
     raise ConfigError(f"unknown train.distributed strategy: {strategy}")
 
 

@@ -176,8 +176,7 @@ def run_training(
             f"torchrun started {dist_utils.launched_world_size()} ranks but torch.distributed is not "
             "initialized: call exemplar.train.distributed.init_distributed() first (finetune does)"
         )
-    strategy = dist_utils.resolve_strategy(train, world)
-    dist_utils.check_offload(train, strategy)
+    strategy = dist_utils.resolve_strategy(train, world)  # the one decision: none, fsdp2 or ddp
     # Rank 0 draws the stream one process would; other ranks their own (dropout masks must differ
     # between ranks). The data order does not depend on it: it is seeded by (seed, epoch).
     seed_everything(train.seed + world.rank)
@@ -214,7 +213,7 @@ def run_training(
     if strategy != "none":
         dist_utils.check_same_weights(model, world)
         bf16 = autocast is not contextlib.nullcontext
-        wrapped = dist_utils.wrap_for_training(loss_fn, train, world, device, bf16)
+        wrapped = dist_utils.wrap_for_training(loss_fn, strategy, train, world, device, bf16)
         forward, evaluator, sync = wrapped.forward, wrapped.evaluator, wrapped.sync
     optimizer = build_optimizer(model, train)  # after wrapping: FSDP2 replaces the parameters
     schedule = schedule_state(train, total_steps)
