@@ -4,6 +4,7 @@ cached preprocessing and gives the same losses; LoRA adapters merge; the quickst
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -64,7 +65,7 @@ def config_dict(tmp_path, model, **train):
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_each_architecture_trains_and_exports_a_loadable_model(tmp_path, arch):
     summary = finetune(load_config(None, **config_dict(tmp_path, ARCHITECTURES[arch])), progress=False)
-    assert summary["steps"] == 3 and summary["final_loss"] == summary["final_loss"]  # finite, not NaN
+    assert summary["steps"] == 3 and math.isfinite(summary["final_loss"])
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("epoch", "loss", "lr", "grad_norm", "tokens", "trained_tokens", "tokens_per_s", "elapsed_s"):
@@ -80,6 +81,8 @@ def test_each_architecture_trains_and_exports_a_loadable_model(tmp_path, arch):
         "final_loss",
     ):
         assert key in saved
+    assert saved == json.loads(json.dumps(summary))  # the returned summary, outputs included
+    assert saved["outputs"]["model"] == str(tmp_path / "out" / "model")
     model = AutoModelForCausalLM.from_pretrained(summary["outputs"]["model"])
     tokenizer = AutoTokenizer.from_pretrained(summary["outputs"]["model"])
     ids = tokenizer.apply_chat_template(

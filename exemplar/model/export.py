@@ -31,6 +31,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from exemplar.config import ModelConfig, TrainConfig
 from exemplar.errors import ExemplarError
+from exemplar.fsio import atomic_write_json, fsync_dir, fsync_file
 from exemplar.model.lora import is_quantized, unwrap_peft
 
 if TYPE_CHECKING:
@@ -238,7 +239,8 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temporary folder next to `final`; on success it replaces `final`, on error it is removed.
 
     The old folder is renamed aside before the new one is renamed in and deleted only afterwards,
-    so at every moment one complete copy exists on disk (`final` or the renamed old one).
+    so at every moment one complete copy exists on disk (`final` or the renamed old one). The files
+    and folders are fsynced before and after the renames, as `exemplar.fsio` does for files.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -248,11 +250,16 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            fsync_file(path)
+    fsync_dir(tmp)
     old = None
     if final.exists():
         old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(final, old)
     os.replace(tmp, final)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -304,9 +311,7 @@ def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
     config = json.loads(path.read_text(encoding="utf-8"))
     if config.get("tokenizer_class") == "TokenizersBackend":
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        path.write_text(
-            json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
+        atomic_write_json(path, config, sort_keys=True)
 
 
 @contextlib.contextmanager

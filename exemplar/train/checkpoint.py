@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from exemplar.errors import ExemplarError
+from exemplar.fsio import atomic_write_json, fsync_dir, fsync_file
 
 if TYPE_CHECKING:
     from exemplar.train.distributed import World
@@ -156,8 +157,10 @@ def save_checkpoint(
     save_file(trainable_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(rng_state(), tmp / "rng.pt")
-    _write_json(tmp / "scheduler.json", schedule)
-    _write_json(tmp / "trainer_state.json", trainer_state)  # last: its presence marks completeness
+    atomic_write_json(tmp / "scheduler.json", schedule, sort_keys=True)
+    atomic_write_json(
+        tmp / "trainer_state.json", trainer_state, sort_keys=True
+    )  # last: its presence marks completeness
     _publish(tmp, final)
     return final
 
@@ -178,12 +181,12 @@ def _publish(tmp: Path, final: Path) -> None:
     the old folder aside first)."""
     for f in tmp.iterdir():
         if f.is_file():
-            _fsync_file(f)
-    _fsync_dir(tmp)
+            fsync_file(f)
+    fsync_dir(tmp)
     if final.exists():
         _discard(final)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _save_sharded(
@@ -208,12 +211,14 @@ def _save_sharded(
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / SHARDED_DIR))
     rng_file = tmp / f"rng-rank{world.rank}.pt"
     torch.save(rng_state(), rng_file)
-    _fsync_file(rng_file)
+    fsync_file(rng_file)
     dist.barrier()  # every rank's shards and RNG file are on disk
     if world.is_main:
-        _write_json(tmp / "scheduler.json", schedule)
-        _write_json(
-            tmp / "trainer_state.json", {**trainer_state, "format": "sharded", "world_size": world.world_size}
+        atomic_write_json(tmp / "scheduler.json", schedule, sort_keys=True)
+        atomic_write_json(
+            tmp / "trainer_state.json",
+            {**trainer_state, "format": "sharded", "world_size": world.world_size},
+            sort_keys=True,
         )
         _publish(tmp, final)
     dist.barrier()  # nobody goes on (and prunes or resumes) before the folder is in place
@@ -252,23 +257,6 @@ def _discard(path: Path) -> None:
     trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}")
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

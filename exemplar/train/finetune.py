@@ -6,13 +6,13 @@ config -> tokenizer and template -> cached, masked data -> model (full / LoRA / 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from exemplar.config import Config
 from exemplar.errors import ConfigError
+from exemplar.fsio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _finetune(config: Config, world, resume: bool, progress: bool) -> dict[str, 
     summary["data"] = [report.lines() for report in data.reports]
     if world.is_main:
         path = Path(config.output_dir) / "train_summary.json"
-        path.write_text(json.dumps(summary, indent=2))
+        atomic_write_json(path, summary)
     barrier(world)  # the model folder is complete before any rank returns
     return summary
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import random
@@ -156,15 +155,16 @@ def run_training(
 ) -> dict[str, Any]:
     """Train `model` on the tokenized `train_ds` (columns input_ids, labels) and return the summary.
 
-    Writes OUTPUT/metrics.jsonl, OUTPUT/checkpoints/step-N/ and OUTPUT/train_summary.json.
+    Writes OUTPUT/metrics.jsonl and OUTPUT/checkpoints/step-N/; the summary is returned (`finetune`
+    writes it to OUTPUT/train_summary.json, with the exported outputs).
     With `resume`, continues from the newest complete checkpoint in OUTPUT (if there is one);
     without it, refuses an OUTPUT that already holds checkpoints. `callbacks` are called as
     callback(event, payload) for the events "step", "eval", "save" and "end". `progress` shows the
     tqdm bar. The model is left trained, in eval mode.
 
     Under torchrun with several ranks every rank calls this with the same arguments; the model is
-    then left wrapped (FSDP2: sharded; `exemplar.model.export.model_for_export` gathers it). Only rank 0
-    writes metrics, the summary and the progress bar; callbacks run on every rank.
+    then left wrapped (FSDP2: sharded; `exemplar.model.export.model_for_export` gathers it).
+    Only rank 0 writes metrics and the progress bar; callbacks run on every rank.
     """
     train = config.train
     output_dir = Path(config.output_dir)
@@ -311,8 +311,6 @@ def run_training(
     if world.distributed:
         summary["world_size"] = world.world_size
         summary["distributed"] = strategy
-    if world.is_main:
-        _write_json(output_dir / "train_summary.json", summary)
     _emit(callbacks, "end", summary)
     return summary
 
@@ -525,9 +523,3 @@ def _disable_checkpointing(model: torch.nn.Module) -> None:
 def _emit(callbacks: list[Callback], event: str, payload: dict[str, Any]) -> None:
     for callback in callbacks:
         callback(event, payload)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
