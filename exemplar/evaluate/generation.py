@@ -11,6 +11,7 @@ import torch
 from transformers import GenerationConfig
 
 from exemplar.errors import DataError, RowError
+from exemplar.model.special_ids import pad_token_id
 
 EncodePrompt = Callable[[list[dict[str, Any]]], list[int]]
 
@@ -189,11 +190,7 @@ def answer_of(tokenizer: Any, new_ids: list[int], stops: list[int]) -> dict[str,
 
 
 def pad_id_of(tokenizer: Any, stops: list[int]) -> int:
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    if tokenizer.eos_token_id is not None:
-        return int(tokenizer.eos_token_id)
-    return stops[0] if stops else 0
+    return pad_token_id(tokenizer, stops)
 
 
 # ---------------------------------------------------------------------------------------------

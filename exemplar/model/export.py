@@ -33,6 +33,7 @@ from exemplar.config import ModelConfig, TrainConfig
 from exemplar.errors import ExemplarError
 from exemplar.fsio import atomic_write_json, fsync_dir, fsync_file
 from exemplar.model.lora import is_quantized, unwrap_peft
+from exemplar.model.special_ids import pad_token_id
 
 if TYPE_CHECKING:
     from exemplar.train.distributed import World
@@ -227,10 +228,9 @@ def export_generation_config(
     config = copy.deepcopy(base) if base is not None else GenerationConfig.from_model_config(model.config)
     eos = _unique([*stop_token_ids, tokenizer.eos_token_id])
     config.eos_token_id = eos if len(eos) != 1 else eos[0]
-    if tokenizer.pad_token_id is not None:
-        config.pad_token_id = tokenizer.pad_token_id
-    elif eos:
-        config.pad_token_id = eos[0]
+    pad = pad_token_id(tokenizer, stop_token_ids, default=None)
+    if pad is not None:
+        config.pad_token_id = pad
     return config
 
 

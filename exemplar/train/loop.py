@@ -32,6 +32,7 @@ from exemplar.config import Config, TrainConfig
 from exemplar.errors import ExemplarError
 from exemplar.evaluate import likelihood
 from exemplar.model.lora import is_quantized
+from exemplar.model.special_ids import pad_token_id
 from exemplar.train import distributed as dist_utils
 from exemplar.train.attention import needs_flat_batches
 from exemplar.train.batch import Batch, BatchLoader
@@ -186,7 +187,7 @@ def run_training(
     lengths = checked_lengths(train_ds, config.max_length)
     plan = _plan(config, lengths, shuffle=config.data.shuffle, world_size=world.world_size)
     total_steps = plan.total_steps(train.epochs, train.max_steps)
-    load = BatchLoader(train_ds, config.packing, _pad_id(tokenizer), device, flat)
+    load = BatchLoader(train_ds, config.packing, pad_token_id(tokenizer), device, flat)
     eval_batches = None
     if eval_ds:
         eval_batches = likelihood.eval_batches(
@@ -196,7 +197,7 @@ def run_training(
             micro_batch_size=train.micro_batch_size,
             max_tokens_per_batch=train.max_tokens_per_batch,
             seed=train.seed,
-            pad_id=_pad_id(tokenizer),
+            pad_id=pad_token_id(tokenizer),
             device=device,
             flat=flat,
             world=world,
@@ -345,15 +346,6 @@ def _place(model: nn.Module) -> torch.device:
         model.to("cuda")
         device = torch.device("cuda")
     return device
-
-
-def _pad_id(tokenizer: Any) -> int:
-    # Any id works: pads are never attended to by real tokens and never trained.
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
-            return value
-    return 0
 
 
 def _plan(config: Config, lengths: np.ndarray, shuffle: bool, world_size: int = 1) -> TrainPlan:
