@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -361,10 +360,10 @@ FAILING = textwrap.dedent(
 def test_an_error_on_one_rank_stops_the_run_with_its_message(work):
     script = work / "failing.py"
     script.write_text(FAILING)
-    start = time.monotonic()
+    # Rank 0 waits in a collective for rank 1, which will never come: unless torchrun stops it, the
+    # run outlasts the timeout (the collective's own is 30 minutes) and the test fails.
     done = _launch(work, "train", "config.yaml", "--set", "output_dir=failing", script=script, timeout=120)
     output = done.stdout + done.stderr
     assert done.returncode != 0
     assert "rank 1: error: RuntimeError: disk on fire" in output
-    assert time.monotonic() - start < 100  # rank 0, waiting in a collective, was stopped
     assert not (work / "failing" / "train_summary.json").exists()

@@ -19,7 +19,7 @@ def best_fit_decreasing(lengths: Sequence[int] | np.ndarray, capacity: int) -> l
     """Pack items (by index) into bins of `capacity`: largest first, each into the fullest bin it fits.
 
     Deterministic: ties in length keep index order, and among bins with the same free space the
-    oldest is used. O(n log n): bins are bucketed by their free space, and the distinct free-space
+    one that has had it longest is used. O(n log n): bins are bucketed by their free space, and the distinct free-space
     values are kept in a sorted list searched with bisect (at most `capacity + 1` values).
     """
     lengths = np.asarray(lengths, dtype=np.int64)
