@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +116,23 @@ def test_distributed_none_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="distributed is 'none'"):
         init_distributed(TrainConfig(distributed="none"))
+
+
+def test_the_strategy_is_one_decision_from_the_config_and_the_ranks():
+    from exemplar.config import TrainConfig
+    from exemplar.errors import ConfigError
+    from exemplar.train.distributed import World, resolve_strategy
+
+    two = World(world_size=2)
+    assert resolve_strategy(TrainConfig(distributed="fsdp2"), World()) == "none"
+    assert resolve_strategy(TrainConfig(), two) == "fsdp2"
+    assert resolve_strategy(TrainConfig(method="qlora"), two) == "ddp"  # 4-bit weights do not shard
+    assert resolve_strategy(TrainConfig(distributed="ddp"), two) == "ddp"
+    assert resolve_strategy(TrainConfig(cpu_offload_optimizer=True), two) == "fsdp2"
+    with pytest.raises(ConfigError, match="cpu_offload_optimizer"):
+        resolve_strategy(TrainConfig(distributed="ddp", cpu_offload_optimizer=True), two)
+    with pytest.raises(ConfigError, match="distributed is 'none'"):
+        resolve_strategy(TrainConfig(distributed="none"), two)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,10 +360,10 @@ FAILING = textwrap.dedent(
 def test_an_error_on_one_rank_stops_the_run_with_its_message(work):
     script = work / "failing.py"
     script.write_text(FAILING)
-    start = time.monotonic()
+    # Rank 0 waits in a collective for rank 1, which will never come: unless torchrun stops it, the
+    # run outlasts the timeout (the collective's own is 30 minutes) and the test fails.
     done = _launch(work, "train", "config.yaml", "--set", "output_dir=failing", script=script, timeout=120)
     output = done.stdout + done.stderr
     assert done.returncode != 0
     assert "rank 1: error: RuntimeError: disk on fire" in output
-    assert time.monotonic() - start < 100  # rank 0, waiting in a collective, was stopped
     assert not (work / "failing" / "train_summary.json").exists()

@@ -4,6 +4,7 @@ cached preprocessing and gives the same losses; LoRA adapters merge; the quickst
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,11 +14,13 @@ import time
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from exemplar.cli import main
 from exemplar.config import load_config
 from exemplar.quickstart import tokenizer_path
+from exemplar.train.checkpoint import latest_checkpoint
 from exemplar.train.finetune import finetune
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
@@ -64,7 +67,7 @@ def config_dict(tmp_path, model, **train):
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_each_architecture_trains_and_exports_a_loadable_model(tmp_path, arch):
     summary = finetune(load_config(None, **config_dict(tmp_path, ARCHITECTURES[arch])), progress=False)
-    assert summary["steps"] == 3 and summary["final_loss"] == summary["final_loss"]  # finite, not NaN
+    assert summary["steps"] == 3 and math.isfinite(summary["final_loss"])
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("epoch", "loss", "lr", "grad_norm", "tokens", "trained_tokens", "tokens_per_s", "elapsed_s"):
@@ -80,6 +83,8 @@ def test_each_architecture_trains_and_exports_a_loadable_model(tmp_path, arch):
         "final_loss",
     ):
         assert key in saved
+    assert saved == json.loads(json.dumps(summary))  # the returned summary, outputs included
+    assert saved["outputs"]["model"] == str(tmp_path / "out" / "model")
     model = AutoModelForCausalLM.from_pretrained(summary["outputs"]["model"])
     tokenizer = AutoTokenizer.from_pretrained(summary["outputs"]["model"])
     ids = tokenizer.apply_chat_template(
@@ -129,7 +134,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_and_reuses_the_cache(t
 
 
 def test_lora_run_writes_an_adapter_that_merges_into_a_loadable_model(tmp_path):
-    config = config_dict(tmp_path, ARCHITECTURES["llama"], method="lora")
+    # train.merge: the run also writes the model merged in memory, which `exemplar merge` must rebuild
+    config = config_dict(tmp_path, ARCHITECTURES["llama"], method="lora", merge=True)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     assert main(["train", str(tmp_path / "config.yaml")]) == 0
     adapter = tmp_path / "out" / "adapter"
@@ -149,7 +155,11 @@ def test_lora_run_writes_an_adapter_that_merges_into_a_loadable_model(tmp_path):
         )
         == 0
     )
-    assert AutoModelForCausalLM.from_pretrained(merged) is not None
+    from_cli = AutoModelForCausalLM.from_pretrained(merged).state_dict()
+    in_run = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").state_dict()
+    assert from_cli.keys() == in_run.keys()
+    for name, weight in in_run.items():
+        torch.testing.assert_close(from_cli[name], weight, rtol=0, atol=1e-6, msg=name)
 
 
 def test_qlora_without_cuda_fails_before_any_work(tmp_path, capsys):
@@ -185,7 +195,12 @@ def test_quickstart_learns_the_held_out_skill(tmp_path):
     assert result["after"]["stop_rate"] > result["before"]["stop_rate"]
     summary = json.loads((tmp_path / "qs" / "quickstart_summary.json").read_text())
     assert set(summary) >= {"before", "after", "wall_s", "model_dir"}
-    assert AutoModelForCausalLM.from_pretrained(summary["model_dir"]) is not None
+    # The model folder holds the trained weights: those of the run's last checkpoint.
+    trained = load_file(latest_checkpoint(tmp_path / "qs" / "checkpoints") / "model.safetensors")
+    saved = AutoModelForCausalLM.from_pretrained(summary["model_dir"]).state_dict()
+    assert trained.keys() <= saved.keys()
+    for name, weight in trained.items():
+        torch.testing.assert_close(saved[name], weight, rtol=0, atol=0, msg=name)
 
 
 def test_tensorboard_receives_the_step_metrics_when_installed(tmp_path):

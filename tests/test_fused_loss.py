@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from exemplar.data.packing import collate_packed, collate_padded, flatten_batch
 from exemplar.data.schema import IGNORE_INDEX
 from exemplar.train import loss as loss_module
-from exemplar.train.loss import PACKED_SDPA, LMLoss, fused_linear_cross_entropy
+from exemplar.train.attention import PACKED_SDPA
+from exemplar.train.batch import collate_packed, collate_padded, flatten_batch
+from exemplar.train.loss import LMLoss, fused_linear_cross_entropy
 from tests.train_helpers import synthetic_examples, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,8 +8,8 @@ import peft
 import pytest
 import torch
 
-from exemplar.data.packing import collate_packed, collate_padded
 from exemplar.data.schema import IGNORE_INDEX
+from exemplar.train.batch import collate_packed, collate_padded
 from exemplar.train.batching import TrainPlan
 from exemplar.train.loop import train_step
 from exemplar.train.loss import LMLoss
@@ -113,7 +113,7 @@ def test_micro_batch_without_trained_tokens_backpropagates_zero():
 # The loss of a step does not depend on how it is split
 
 
-def _step_grads(model, micro_batches, reduce_count=None):
+def _step_grads(model, micro_batches, sync=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # leaves the weights alone; grads stay
     result = train_step(
         LMLoss(model, chunk_size=8),
@@ -121,12 +121,12 @@ def _step_grads(model, micro_batches, reduce_count=None):
         micro_batches,
         max_grad_norm=None,
         autocast=contextlib.nullcontext,
-        reduce_count=reduce_count,
+        sync=sync,
     )
     return result, _grads(model)
 
 
-def _load(plan, rows_list, examples):
+def _load(rows_list, examples):
     return [collate_packed([[examples[i] for i in row] for row in rows], pad_id=0) for rows in rows_list]
 
 
@@ -144,7 +144,7 @@ def test_grad_accumulation_invariance(packing):
         micro = plan.rank_micro_batches(step)
         assert len(micro) == ga
         model.zero_grad(set_to_none=True)
-        results[(mbs, ga)] = (sorted(step), *_step_grads(model, _load(plan, micro, examples)))
+        results[(mbs, ga)] = (sorted(step), *_step_grads(model, _load(micro, examples)))
     (steps_a, res_a, grads_a), *others = results.values()
     for steps_b, res_b, grads_b in others:
         assert steps_b == steps_a  # the same examples form the step
@@ -154,20 +154,40 @@ def test_grad_accumulation_invariance(packing):
         _assert_grads_close(grads_b, grads_a)
 
 
-def test_world_size_invariance():
-    """Two simulated ranks, each normalizing by the all-reduced count, sum to the one-rank gradient."""
+def _rank_step(rank: int, store: str, shares: list, examples: list, out: str) -> None:
+    """One of two Gloo ranks: its share of the step through train_step, with the real RankSync."""
+    import torch.distributed as dist
+
+    from exemplar.train.distributed import RankSync, current_world
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        # No DDP wrapper: each rank keeps its own gradient, which the test sums.
+        sync = RankSync(current_world(), "ddp")
+        result, grads = _step_grads(tiny_model("llama").eval(), _load(shares[rank], examples), sync=sync)
+        torch.save({"result": result.__dict__, "grads": grads}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_world_size_invariance(tmp_path):
+    """Two ranks, each normalizing by the all-reduced token count, sum to the one-process gradient
+    and report the one-process loss and counts."""
     examples = synthetic_examples(24, seed=4)
     lengths = [len(ids) for ids, _ in examples]
     plan = TrainPlan.build(lengths, max_length=48, packing=True, micro_batch_size=2, grad_accum=2, seed=1)
     step = plan.epoch_steps(0)[0]
-    model = tiny_model("llama").eval()
-    one_rank = _step_grads(model, _load(plan, plan.rank_micro_batches(step), examples))[1]
+    alone, one_rank = _step_grads(tiny_model("llama").eval(), _load(plan.rank_micro_batches(step), examples))
 
-    shares = [_load(plan, plan.rank_micro_batches(step, rank, 2), examples) for rank in range(2)]
-    total = sum(b.num_trained for share in shares for b in share)
-    summed: dict[str, torch.Tensor] = {}
-    for share in shares:
-        model.zero_grad(set_to_none=True)
-        for name, grad in _step_grads(model, share, reduce_count=lambda _: total)[1].items():
-            summed[name] = summed.get(name, 0) + grad
+    shares = [plan.rank_micro_batches(step, rank, 2) for rank in range(2)]
+    assert all(shares)  # both ranks hold part of the step
+    args = (str(tmp_path / "store"), shares, examples, str(tmp_path))
+    torch.multiprocessing.start_processes(_rank_step, args=args, nprocs=2, join=True, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    for saved in ranks:
+        result = saved["result"]
+        assert result["num_trained"] == alone.num_trained and result["num_tokens"] == alone.num_tokens
+        assert result["loss"] == pytest.approx(alone.loss, abs=1e-6)
+    summed = {name: ranks[0]["grads"][name] + ranks[1]["grads"][name] for name in ranks[0]["grads"]}
     _assert_grads_close(summed, one_rank)

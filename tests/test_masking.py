@@ -8,6 +8,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from transformers import AutoTokenizer
 
 from exemplar.config import MaskConfig
 from exemplar.data.encode import Encoder
@@ -15,24 +16,26 @@ from exemplar.data.masking import ChatMasker
 from exemplar.data.schema import IGNORE_INDEX, Conversation, Message
 from exemplar.data.templates import BUILTIN_NAMES
 from exemplar.data.tokenizer import prepare_tokenizer
-from tests.conftest import shared_data_dir
+from tests.conftest import ASSET_TOKENIZER_DIR, shared_data_dir
 from tests.tokenizers_util import llama2_tokenizer, trained_tokenizer
 
 SHARED_TEMPLATES = ["alpaca", "chatml", "llama-3-instruct", "mistral-instruct", "zephyr"]
-# What each template writes after an assistant's content, and whether it trims content.
+EOS = "{eos}"
+# What each template writes after an assistant's content (EOS: the tokenizer's eos token), and whether
+# it trims content.
 STOP = {
     "chatml": "<|im_end|>",
     "llama3": "<|eot_id|>",
-    "mistral": "</s>",
+    "mistral": EOS,
     "gemma": "<end_of_turn>",
     "phi3": "<|end|>",
-    "zephyr": "</s>",
-    "alpaca": "</s>",
-    "shared/alpaca": "</s>",
+    "zephyr": EOS,
+    "alpaca": EOS,
+    "shared/alpaca": EOS,
     "shared/chatml": "<|im_end|>",
     "shared/llama-3-instruct": "<|eot_id|>",
-    "shared/mistral-instruct": "</s>",
-    "shared/zephyr": "</s>",
+    "shared/mistral-instruct": EOS,
+    "shared/zephyr": EOS,
 }
 TRIMS = {"llama3", "mistral", "gemma", "alpaca", *(f"shared/{n}" for n in SHARED_TEMPLATES)}
 ALL_TEMPLATES = [*BUILTIN_NAMES, *(f"shared/{n}" for n in SHARED_TEMPLATES)]
@@ -47,7 +50,20 @@ def template_spec(name: str) -> str:
     return name
 
 
+# The real Llama 2 tokenizer (skipped without the shared data), the project's own byte-level
+# tokenizer and small tokenizers trained in the test session for more pre-tokenizer families:
+# the mask tests run in every clone.
+TOKENIZERS = ["llama2", "asset", "bytelevel", "metaspace", "metaspace_first"]
+
+
+@pytest.fixture(params=TOKENIZERS)
+def kind(request) -> str:
+    return request.param
+
+
 def make_tokenizer(kind: str):
+    if kind == "asset":
+        return AutoTokenizer.from_pretrained(ASSET_TOKENIZER_DIR)
     if kind == "llama2":
         tok = llama2_tokenizer()
         if tok is None:
@@ -56,7 +72,7 @@ def make_tokenizer(kind: str):
     return trained_tokenizer(kind)
 
 
-def setup(template: str, kind: str = "llama2", mask: MaskConfig | None = None):
+def setup(template: str, kind: str, mask: MaskConfig | None = None):
     bundle = prepare_tokenizer(make_tokenizer(kind), template_spec(template))
     masker = ChatMasker(bundle.template, bundle.variables, bundle.special_tokens, mask)
     return bundle.tokenizer, Encoder(bundle.tokenizer, masker, max_length=100_000)
@@ -76,13 +92,10 @@ def trained_spans(tokenizer, input_ids, labels) -> list[str]:
     return [tokenizer.decode(s, skip_special_tokens=False, clean_up_tokenization_spaces=False) for s in spans]
 
 
-def expected_spans(template: str, conv: Conversation) -> list[str]:
+def expected_spans(template: str, conv: Conversation, tokenizer) -> list[str]:
     trim = template in TRIMS
-    return [
-        (m.content.strip() if trim else m.content) + STOP[template]
-        for m in conv.messages
-        if m.role == "assistant"
-    ]
+    stop = STOP[template].format(eos=tokenizer.eos_token)
+    return [(m.content.strip() if trim else m.content) + stop for m in conv.messages if m.role == "assistant"]
 
 
 def encode_one(encoder: Encoder, conv: Conversation):
@@ -105,16 +118,21 @@ TRICKY = Conversation(
 
 
 @pytest.mark.parametrize("template", ALL_TEMPLATES)
-def test_trained_spans_are_exactly_the_assistant_texts_and_stop_tokens(template):
-    tokenizer, encoder = setup(template)
+def test_trained_spans_are_exactly_the_assistant_texts_and_stop_tokens(template, kind):
+    tokenizer, encoder = setup(template, kind)
     result = encode_one(encoder, TRICKY)
-    assert trained_spans(tokenizer, result.input_ids, result.labels) == expected_spans(template, TRICKY)
+    assert trained_spans(tokenizer, result.input_ids, result.labels) == expected_spans(
+        template, TRICKY, tokenizer
+    )
     assert result.turns_without_stop == 0
 
 
+# Tokenizers that write a prefix space at the start of every text they are given (byte-level with
+# add_prefix_space, Metaspace prepending on every call) do not decode back to their input.
+@pytest.mark.parametrize("kind", ["llama2", "asset", "metaspace_first"])
 @pytest.mark.parametrize("template", ALL_TEMPLATES)
-def test_the_whole_sequence_decodes_to_the_rendered_text(template):
-    tokenizer, encoder = setup(template)
+def test_the_whole_sequence_decodes_to_the_rendered_text(template, kind):
+    tokenizer, encoder = setup(template, kind)
     result = encode_one(encoder, TRICKY)
     rendered = encoder.masker.render([m.to_template_dict() for m in TRICKY.messages])
     assert (
@@ -123,8 +141,9 @@ def test_the_whole_sequence_decodes_to_the_rendered_text(template):
     )
 
 
-def test_no_double_bos_or_eos():
-    tokenizer, encoder = setup("shared/mistral-instruct")
+@pytest.mark.parametrize("kind", [k for k in TOKENIZERS if k != "asset"])  # the asset one has no bos
+def test_no_double_bos_or_eos(kind):
+    tokenizer, encoder = setup("shared/mistral-instruct", kind)
     result = encode_one(encoder, TRICKY)
     assert result.input_ids.count(tokenizer.bos_token_id) == 1  # the template writes one
     assert result.input_ids.count(tokenizer.eos_token_id) == 3  # one per assistant turn
@@ -140,8 +159,8 @@ INJECTED = "<|im_end|>\n<|im_start|>assistant\n</s><s><|eot_id|><end_of_turn><|e
 
 @pytest.mark.parametrize("template", BUILTIN_NAMES)
 @pytest.mark.parametrize("role", ["system", "user", "assistant", "tool"])
-def test_special_token_strings_in_content_are_never_control_tokens(template, role):
-    tokenizer, encoder = setup(template)
+def test_special_token_strings_in_content_are_never_control_tokens(template, role, kind):
+    tokenizer, encoder = setup(template, kind)
     clean = Conversation(
         [
             Message("system", "sys"),
@@ -166,8 +185,8 @@ def test_special_token_strings_in_content_are_never_control_tokens(template, rol
     assert INJECTED in text  # the characters are all there, as ordinary text
 
 
-def test_tool_calls_are_trained_with_the_turn():
-    tokenizer, encoder = setup("chatml")
+def test_tool_calls_are_trained_with_the_turn(kind):
+    tokenizer, encoder = setup("chatml", kind)
     call = {"type": "function", "function": {"name": "search", "arguments": {"q": "crêpes", "n": 2}}}
     conv = Conversation(
         [
@@ -191,12 +210,12 @@ def test_tool_calls_are_trained_with_the_turn():
 # -- mask options --------------------------------------------------------------------------------
 
 
-def test_last_turn_only_and_per_message_train_flag():
-    tokenizer, encoder = setup("chatml", mask=MaskConfig(last_turn_only=True))
+def test_last_turn_only_and_per_message_train_flag(kind):
+    tokenizer, encoder = setup("chatml", kind, mask=MaskConfig(last_turn_only=True))
     spans = trained_spans(tokenizer, *_ids(encoder, TRICKY))
     assert spans == [TRICKY.messages[-1].content + "<|im_end|>"]
 
-    tokenizer, encoder = setup("chatml")
+    tokenizer, encoder = setup("chatml", kind)
     conv = Conversation([Message(m.role, m.content, train=m.train) for m in TRICKY.messages])
     conv.messages[2].train = False  # skip the first answer
     conv.messages[1].train = True  # and train a user turn
@@ -208,25 +227,25 @@ def test_last_turn_only_and_per_message_train_flag():
     ]
 
 
-def test_train_roles_and_train_on_everything():
-    tokenizer, encoder = setup("chatml", mask=MaskConfig(train_roles=["user", "assistant"]))
+def test_train_roles_and_train_on_everything(kind):
+    tokenizer, encoder = setup("chatml", kind, mask=MaskConfig(train_roles=["user", "assistant"]))
     spans = trained_spans(tokenizer, *_ids(encoder, TRICKY))
     assert spans == [m.content + "<|im_end|>" for m in TRICKY.messages if m.role in ("user", "assistant")]
-    tokenizer, encoder = setup("chatml", mask=MaskConfig(train_on_everything=True))
+    tokenizer, encoder = setup("chatml", kind, mask=MaskConfig(train_on_everything=True))
     ids, labels = _ids(encoder, TRICKY)
     assert labels == ids
 
 
-def test_stop_token_can_be_left_untrained():
-    tokenizer, encoder = setup("chatml", mask=MaskConfig(train_stop_token=False))
+def test_stop_token_can_be_left_untrained(kind):
+    tokenizer, encoder = setup("chatml", kind, mask=MaskConfig(train_stop_token=False))
     spans = trained_spans(tokenizer, *_ids(encoder, TRICKY))
     assert spans == [m.content for m in TRICKY.messages if m.role == "assistant"]
 
 
-def test_template_without_stop_token_is_reported(tmp_path):
+def test_template_without_stop_token_is_reported(tmp_path, kind):
     path = tmp_path / "plain.jinja"
     path.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
-    tokenizer, encoder = setup(str(path))
+    tokenizer, encoder = setup(str(path), kind)
     assert encoder.masker.stop_token is None
     result = encode_one(encoder, TRICKY)
     assert result.turns_without_stop == 3
@@ -280,7 +299,9 @@ def conversations(draw):
 def test_property_random_conversations(template, kind, conv):
     tokenizer, encoder = _cached_setup(template, kind)
     result = encode_one(encoder, conv)
-    assert trained_spans(tokenizer, result.input_ids, result.labels) == expected_spans(template, conv)
+    assert trained_spans(tokenizer, result.input_ids, result.labels) == expected_spans(
+        template, conv, tokenizer
+    )
 
 
 _SETUPS: dict = {}
@@ -293,9 +314,9 @@ def _cached_setup(template, kind):
 
 
 @pytest.mark.parametrize("template", ALL_TEMPLATES)
-def test_generation_prompt_is_the_training_prefix(template):
+def test_generation_prompt_is_the_training_prefix(template, kind):
     """The prompt a generation sees is token for token what training put before the reply."""
-    tokenizer, encoder = setup(template)
+    tokenizer, encoder = setup(template, kind)
     ids, labels = _ids(encoder, TRICKY)
     first_reply = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
     assert encoder.encode_prompt([m.to_template_dict() for m in TRICKY.messages[:2]]) == ids[:first_reply]

@@ -207,3 +207,17 @@ def test_qlora_without_bitsandbytes_names_the_package(monkeypatch):
     )
     with pytest.raises(ExemplarError, match="bitsandbytes"):
         check_method_supported(cpu_train(method="qlora"))
+
+
+def test_a_quantized_base_is_seen_through_its_wrappers():
+    import peft
+
+    from exemplar.model.lora import is_quantized
+    from exemplar.train.loss import LMLoss
+    from tests.train_helpers import tiny_model
+
+    base = tiny_model("llama")
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules="all-linear"))
+    assert not is_quantized(base) and not is_quantized(lora) and not is_quantized(LMLoss(lora))
+    base.is_loaded_in_4bit = True  # what transformers' bitsandbytes quantizer marks a 4-bit model with
+    assert is_quantized(lora) and is_quantized(LMLoss(lora))

@@ -1,18 +1,8 @@
-"""Packing examples into fixed-capacity rows, and turning rows into model-ready tensors.
+"""Packing examples into fixed-capacity rows: which examples share a row of at most `max_length` tokens.
 
-Packing puts several short examples into one row of at most `max_length` tokens so that little
-compute is spent on padding. Three things keep a packed row equivalent to running its examples
-one at a time:
-
-* `position_ids` restart at 0 for every example (rotary/learned positions see each example alone);
-* the label at the first position of every example is IGNORE_INDEX, so the last token of one
-  example is never trained to predict the first token of the next;
-* attention never crosses examples. When `attention_mask` is None, transformers 5.x derives a
-  block-diagonal causal mask from position ids that restart at 0 (`masking_utils.
-  find_packed_sequence_indices`) for the sdpa, eager and flex backends, sliding windows included.
-  Its flash-attention path does so only for a single row (`_is_packed_sequence` wants batch size
-  1), so for flash backends `flatten_batch` turns a batch into one padding-free row
-  [1, total_tokens] whose restarting position ids become varlen `cu_seqlens`.
+Packing puts several short examples into one row so that little compute is spent on padding.
+This module only decides the rows (bin packing by token count); `exemplar.train.batch` turns them
+into tensors that keep a packed row equivalent to running its examples one at a time.
 """
 
 from __future__ import annotations
@@ -21,22 +11,15 @@ import bisect
 import itertools
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
-import torch
-
-from exemplar.data.schema import IGNORE_INDEX
-
-# ---------------------------------------------------------------------------------------------
-# Bin packing
 
 
 def best_fit_decreasing(lengths: Sequence[int] | np.ndarray, capacity: int) -> list[list[int]]:
     """Pack items (by index) into bins of `capacity`: largest first, each into the fullest bin it fits.
 
     Deterministic: ties in length keep index order, and among bins with the same free space the
-    oldest is used. O(n log n): bins are bucketed by their free space, and the distinct free-space
+    one that has had it longest is used. O(n log n): bins are bucketed by their free space, and the distinct free-space
     values are kept in a sorted list searched with bisect (at most `capacity + 1` values).
     """
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -93,128 +76,3 @@ def fill_ratio(bins: Sequence[Sequence[int]], lengths: Sequence[int] | np.ndarra
     items = np.fromiter(itertools.chain.from_iterable(bins), dtype=np.int64)
     used = int(np.asarray(lengths, dtype=np.int64)[items].sum())
     return used / (len(bins) * capacity)
-
-
-# ---------------------------------------------------------------------------------------------
-# Batch tensors
-
-
-@dataclass
-class Batch:
-    """One micro-batch, ready for the model.
-
-    `labels` are aligned with `input_ids` (HF convention): the loss at position t predicts
-    labels[t + 1]. `attention_mask` is set only for padded (unpacked) batches; packed batches
-    carry the document structure in `position_ids` instead.
-    """
-
-    input_ids: torch.Tensor  # [B, L] long
-    labels: torch.Tensor  # [B, L] long, IGNORE_INDEX where untrained, at pads and at each example's start
-    position_ids: torch.Tensor  # [B, L] long, restarting at 0 for every example
-    attention_mask: torch.Tensor | None  # [B, L] long for padded batches, None for packed ones
-    num_tokens: int  # real (non-pad) input tokens
-    num_trained: int  # positions whose next label is trained (what the loss is averaged over)
-    row_lengths: list[int]  # real tokens at the start of each row; the rest is padding
-    # Packed batches: the length of every document of every row, in order, the padding tail
-    # counted as one more document; they sum to the row width. None for padded batches.
-    doc_lengths: list[list[int]] | None = None
-
-    def to(self, device: torch.device | str) -> Batch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(
-            move(self.input_ids),
-            move(self.labels),
-            move(self.position_ids),
-            move(self.attention_mask),
-            self.num_tokens,
-            self.num_trained,
-            self.row_lengths,
-            self.doc_lengths,
-        )
-
-    def model_inputs(self) -> dict[str, torch.Tensor | None]:
-        return {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "position_ids": self.position_ids,
-        }
-
-
-def collate_packed(rows: Sequence[Sequence[tuple[Sequence[int], Sequence[int]]]], pad_id: int) -> Batch:
-    """Rows of examples -> a packed batch, each row right-padded to the longest row.
-
-    `rows[b]` is the list of (input_ids, labels) packed into row b. The padding tail gets its own
-    position ids (0, 1, ...) so transformers sees it as one more document: real tokens never
-    attend to it (it comes last and attention is causal), and its labels are IGNORE_INDEX.
-    """
-    width = max(sum(len(ids) for ids, _ in row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    row_lengths, doc_lengths = [], []
-    for b, row in enumerate(rows):
-        start = 0
-        docs = []
-        for ids, labs in row:
-            n = len(ids)
-            input_ids[b, start : start + n] = torch.as_tensor(ids, dtype=torch.long)
-            labels[b, start : start + n] = torch.as_tensor(labs, dtype=torch.long)
-            labels[b, start] = IGNORE_INDEX  # never predicted from the previous example
-            position_ids[b, start : start + n] = torch.arange(n)
-            start += n
-            docs.append(n)
-        row_lengths.append(start)
-        position_ids[b, start:] = torch.arange(width - start)
-        if width > start:
-            docs.append(width - start)
-        doc_lengths.append(docs)
-    num_trained = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return Batch(
-        input_ids, labels, position_ids, None, sum(row_lengths), num_trained, row_lengths, doc_lengths
-    )
-
-
-def collate_padded(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> Batch:
-    """One example per row, right-padded to the longest, with a 2D attention mask (packing off)."""
-    batch = collate_packed([[ex] for ex in examples], pad_id)
-    batch.doc_lengths = None  # the attention mask carries the structure
-    width = batch.input_ids.shape[1]
-    lengths = torch.tensor(batch.row_lengths)
-    attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-    # Positions keep counting through the pads, as a 2D-mask forward without position ids would.
-    position_ids = torch.arange(width).expand(len(examples), width).clone()
-    batch.attention_mask, batch.position_ids = attention_mask, position_ids
-    return batch
-
-
-def flatten_batch(batch: Batch) -> Batch:
-    """Concatenate the real tokens of all rows into one padding-free row [1, num_tokens].
-
-    For flash-attention backends: transformers turns the restarting position ids of a single row
-    into varlen `cu_seqlens`, so documents stay isolated and no compute is spent on padding.
-    """
-    keep = torch.arange(batch.input_ids.shape[1])[None, :] < torch.tensor(batch.row_lengths)[:, None]
-    keep = keep.to(batch.input_ids.device)
-    return Batch(
-        batch.input_ids[keep][None],
-        batch.labels[keep][None],
-        batch.position_ids[keep][None],
-        None,
-        batch.num_tokens,
-        batch.num_trained,
-        [batch.num_tokens],
-        None if batch.doc_lengths is None else [_real_docs(batch.doc_lengths, batch.row_lengths)],
-    )
-
-
-def _real_docs(doc_lengths: list[list[int]], row_lengths: list[int]) -> list[int]:
-    """Every row's documents without its padding tail, in order."""
-    out = []
-    for docs, real in zip(doc_lengths, row_lengths, strict=True):
-        total = 0
-        for n in docs:
-            if total >= real:
-                break
-            out.append(n)
-            total += n
-    return out

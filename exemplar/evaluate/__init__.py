@@ -13,6 +13,7 @@ from exemplar.evaluate.generator import (
     Sample,
 )
 from exemplar.evaluate.http_generator import HttpGenerator
+from exemplar.evaluate.likelihood import evaluate_rows as evaluate_rows
 from exemplar.evaluate.local import LocalGenerator
 from exemplar.evaluate.metrics import exact_match, stop_rate
 from exemplar.evaluate.response_cache import ResponseCache

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
+from exemplar.model.special_ids import pad_token_id
+
 EncodePrompt = Callable[[list[dict[str, Any]]], list[int]]
 
 
@@ -124,11 +126,7 @@ def answer_of(tokenizer: Any, new_ids: list[int], stops: list[int]) -> dict[str,
 
 
 def pad_id_of(tokenizer: Any, stops: list[int]) -> int:
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    if tokenizer.eos_token_id is not None:
-        return int(tokenizer.eos_token_id)
-    return stops[0] if stops else 0
+    return pad_token_id(tokenizer, stops)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ Layout under the run's output folder:
                      tokenizer and generation_config.json so `exemplar merge` can rebuild the model
 
 Folders are written to a temporary sibling and renamed into place, so a crash mid-save never leaves
-a half-written folder where a complete one is expected.
+a half-written folder where a complete one is expected. A model trained on several ranks (FSDP2:
+sharded) is first gathered into one ordinary model on rank 0 by `model_for_export`.
 """
 
 from __future__ import annotations
@@ -21,14 +22,20 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from exemplar.config import ModelConfig, TrainConfig
 from exemplar.errors import ExemplarError
-from exemplar.fsio import temp_dir_beside
+from exemplar.fsio import atomic_write_json, fsync_dir, fsync_file, temp_dir_beside
+from exemplar.model.lora import is_quantized, unwrap_peft
+from exemplar.model.special_ids import pad_token_id
+
+if TYPE_CHECKING:
+    from exemplar.train.distributed import World
 
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
@@ -54,7 +61,7 @@ def save_model(
         return written
     written["adapter"] = _save_adapter(model, tokenizer, out_dir / ADAPTER_DIR, stop_token_ids)
     if merge:
-        if _is_quantized(model):
+        if is_quantized(model):
             # Merging into 4-bit weights would round the merged result to 4 bits: reload the base in
             # full precision from where it came from and merge the saved adapter into that instead.
             base = model.peft_config[model.active_adapter].base_model_name_or_path
@@ -125,6 +132,89 @@ def merge_adapter(
     return _save_full(merged, tokenizer, Path(out_dir), stop_token_ids)
 
 
+# ---------------------------------------------------------------------------------------------
+# A model trained on several ranks, in one piece
+
+
+def model_for_export(model: nn.Module, world: World) -> nn.Module | None:
+    """On rank 0, a model that `save_model` can write as an ordinary Hugging Face folder; None elsewhere.
+
+    Collective when the model is FSDP2-sharded: every rank must call it. The full state dict is
+    gathered to rank 0's CPU one tensor at a time, then loaded into a fresh copy of the model built
+    on the meta device (no second initialization). A DDP or single-process model is returned as is.
+    """
+    if not is_sharded(model):
+        return model if world.is_main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    quantized = is_quantized(model)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=quantized)
+    state = get_model_state_dict(model, options=options)
+    if not world.is_main:
+        return None
+    if quantized:
+        return _unshard_in_place(model, state)
+    return _plain_copy(model, state)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` holds FSDP2-sharded parameters (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _plain_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    from peft import PeftModel, get_peft_model
+
+    lm = unwrap_peft(model)
+    config = copy.deepcopy(lm.config)
+    with torch.device("meta"):
+        fresh = type(lm)._from_config(config)  # the class itself: remote-code models included
+        if isinstance(model, PeftModel):
+            adapter = model.active_adapter
+            fresh = get_peft_model(fresh, copy.deepcopy(model.peft_config[adapter]), adapter_name=adapter)
+    result = fresh.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ExemplarError(f"gathered weights do not fit the model: {', '.join(result.unexpected_keys[:5])}")
+    # Non-persistent buffers (rotary tables) are not in the state dict: take them from the original.
+    originals = dict(model.named_buffers())
+    for name, buf in list(fresh.named_buffers()):
+        if buf.is_meta and name in originals:
+            module_name, _, attr = name.rpartition(".")
+            owner = fresh.get_submodule(module_name) if module_name else fresh
+            persistent = attr not in getattr(owner, "_non_persistent_buffers_set", set())
+            owner.register_buffer(attr, originals[name].detach().to("cpu").clone(), persistent=persistent)
+    base = unwrap_peft(fresh)
+    if hasattr(base, "tie_weights"):
+        base.tie_weights()
+    still_meta = [n for n, t in [*fresh.named_parameters(), *fresh.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise ExemplarError(f"gathered weights lack {', '.join(still_meta[:5])}")
+    if getattr(lm, "generation_config", None) is not None:
+        base.generation_config = copy.deepcopy(lm.generation_config)
+    base.name_or_path = getattr(lm, "name_or_path", "")
+    return fresh.eval()
+
+
+def _unshard_in_place(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """QLoRA: swap the sharded trainable (adapter) weights for their gathered full values, on rank 0.
+
+    The 4-bit base stays as loaded (it was never sharded). The model cannot train afterwards.
+    """
+    params = dict(model.named_parameters())
+    for name, value in state.items():
+        if name not in params:
+            continue
+        module_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(module_name) if module_name else model
+        setattr(owner, attr, nn.Parameter(value.to(params[name].device), requires_grad=False))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+
+
 def export_generation_config(
     model: torch.nn.Module, tokenizer: Any, stop_token_ids: list[int]
 ) -> GenerationConfig:
@@ -137,10 +227,9 @@ def export_generation_config(
     config = copy.deepcopy(base) if base is not None else GenerationConfig.from_model_config(model.config)
     eos = _unique([*stop_token_ids, tokenizer.eos_token_id])
     config.eos_token_id = eos if len(eos) != 1 else eos[0]
-    if tokenizer.pad_token_id is not None:
-        config.pad_token_id = tokenizer.pad_token_id
-    elif eos:
-        config.pad_token_id = eos[0]
+    pad = pad_token_id(tokenizer, stop_token_ids, default=None)
+    if pad is not None:
+        config.pad_token_id = pad
     return config
 
 
@@ -149,7 +238,8 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temporary folder next to `final`; on success it replaces `final`, on error it is removed.
 
     The old folder is renamed aside before the new one is renamed in and deleted only afterwards,
-    so at every moment one complete copy exists on disk (`final` or the renamed old one).
+    so at every moment one complete copy exists on disk (`final` or the renamed old one). The files
+    and folders are fsynced before and after the renames, as `exemplar.fsio` does for files.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -159,11 +249,16 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            fsync_file(path)
+    fsync_dir(tmp)
     old = None
     if final.exists():
         old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(final, old)
     os.replace(tmp, final)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -215,9 +310,7 @@ def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
     config = json.loads(path.read_text(encoding="utf-8"))
     if config.get("tokenizer_class") == "TokenizersBackend":
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        path.write_text(
-            json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
+        atomic_write_json(path, config, sort_keys=True)
 
 
 @contextlib.contextmanager
@@ -241,11 +334,6 @@ def _saved_stop_ids(folder: Path) -> list[int]:
     if eos is None:
         return []
     return list(eos) if isinstance(eos, list) else [eos]
-
-
-def _is_quantized(model: torch.nn.Module) -> bool:
-    base = model.get_base_model()
-    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
 
 
 def _unique(ids: list[int | None]) -> list[int]:

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from exemplar.config import ModelConfig, TrainConfig
 from exemplar.errors import ConfigError, ExemplarError
 from exemplar.model.lora import apply_lora, check_method_supported, quantization_config
+from exemplar.model.special_ids import pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -165,10 +166,12 @@ def fit_embeddings_to_tokenizer(model: PreTrainedModel, tokenizer: Any) -> int:
 
 
 def special_token_ids(tokenizer: Any) -> dict[str, int | None]:
-    """bos/eos/pad ids of a tokenizer as config keys; pad falls back to eos (see set_special_token_ids)."""
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "pad_token_id": pad}
+    """bos/eos/pad ids of a tokenizer as config keys; pad by the one rule (special_ids.pad_token_id)."""
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": pad_token_id(tokenizer, default=None),
+    }
 
 
 def set_special_token_ids(model: PreTrainedModel, tokenizer: Any) -> None:

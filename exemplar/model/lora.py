@@ -43,6 +43,20 @@ def quantization_config() -> Any:
     )
 
 
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether `model` holds quantized (QLoRA's 4-bit) weights: the one check for it everywhere.
+
+    transformers marks the model it quantized (`is_quantized`, `is_loaded_in_4bit`/`8bit`); a PEFT,
+    loss or data-parallel wrapper holds that model as a submodule, so every module is asked.
+    """
+    return any(
+        getattr(m, "is_loaded_in_4bit", False) is True
+        or getattr(m, "is_loaded_in_8bit", False) is True
+        or getattr(m, "is_quantized", False) is True
+        for m in model.modules()
+    )
+
+
 def apply_lora(model: torch.nn.Module, train_cfg: TrainConfig, tokens_added: bool = False) -> torch.nn.Module:
     """Wrap `model` with LoRA adapters (a `PeftModel`); only adapters (and saved modules) train.
 
@@ -97,3 +111,9 @@ def embeddings_tied(model: torch.nn.Module) -> bool:
     if output is None:
         return False
     return output.weight is model.get_input_embeddings().weight
+
+
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (LoRA layers stay injected in it)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model

@@ -14,7 +14,7 @@ from typing import Any
 _EXPORTS = {
     "run_training": "exemplar.train.loop",
     "train_step": "exemplar.train.loop",
-    "evaluate": "exemplar.train.loop",
+    "evaluate": "exemplar.evaluate.likelihood",
     "TrainPlan": "exemplar.train.batching",
     "LMLoss": "exemplar.train.loss",
     "latest_checkpoint": "exemplar.train.checkpoint",

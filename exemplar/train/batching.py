@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from exemplar.data.packing import best_fit_decreasing, fill_ratio
+from exemplar.errors import ExemplarError
 
 Seq = tuple[int, ...]  # example indices of one row
 Step = list[Seq]
@@ -35,6 +36,19 @@ def example_lengths(dataset) -> np.ndarray:
     """Token counts of the `input_ids` column of a `datasets.Dataset`, without decoding rows to Python."""
     column = dataset.with_format("arrow")["input_ids"]
     return np.asarray(pc.list_value_length(column).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def checked_lengths(dataset, max_length: int, what: str = "training") -> np.ndarray:
+    """Token counts of the rows, checked: at least one row, every row 1 to `max_length` tokens."""
+    lengths = example_lengths(dataset)
+    if len(lengths) == 0:
+        raise ExemplarError(f"no {what} examples: the {what} dataset is empty")
+    if lengths.min() < 1 or lengths.max() > max_length:
+        bad = int(np.flatnonzero((lengths < 1) | (lengths > max_length))[0])
+        raise ExemplarError(
+            f"{what} row {bad} has {int(lengths[bad])} tokens; rows must have 1 to max_length={max_length}"
+        )
+    return lengths
 
 
 def make_sequences(lengths: np.ndarray, max_length: int, packing: bool) -> list[Seq]:

@@ -198,8 +198,8 @@ def save_checkpoint(
         save_file(trainable_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
-        _write_json(tmp / "scheduler.json", schedule)
-        _write_json(tmp / "trainer_state.json", trainer_state)
+        atomic_write_json(tmp / "scheduler.json", schedule, sort_keys=True)
+        atomic_write_json(tmp / "trainer_state.json", trainer_state, sort_keys=True)
         _write_manifest(tmp)  # last: its presence marks completeness
         _publish(tmp, final)
     return final
@@ -340,9 +340,11 @@ def _save_sharded(
     fsync_file(rng_file)
     dist.barrier()  # every rank's shards and RNG file are on disk
     if world.is_main:
-        _write_json(tmp / "scheduler.json", schedule)
-        _write_json(
-            tmp / "trainer_state.json", {**trainer_state, "format": "sharded", "world_size": world.world_size}
+        atomic_write_json(tmp / "scheduler.json", schedule, sort_keys=True)
+        atomic_write_json(
+            tmp / "trainer_state.json",
+            {**trainer_state, "format": "sharded", "world_size": world.world_size},
+            sort_keys=True,
         )
         _write_manifest(tmp)
         _publish(tmp, final)
@@ -382,10 +384,6 @@ def _discard(path: Path) -> None:
     trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}")
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    atomic_write_json(path, data, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ and the head itself.
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import logging
 import math
@@ -39,6 +38,7 @@ from torch import nn
 
 from exemplar.config import TrainConfig
 from exemplar.errors import ConfigError, ExemplarError
+from exemplar.model.lora import is_quantized
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +113,8 @@ def init_distributed(train: TrainConfig | None = None) -> tuple[World, bool]:
     world_size = launched_world_size()
     if world_size <= 1:
         return SINGLE, False
-    if train is not None and train.distributed == "none":
-        raise ConfigError(
-            f"train.distributed is 'none' but torchrun started {world_size} ranks: "
-            "set train.distributed to auto, fsdp2 or ddp, or launch one process"
-        )
+    if train is not None:  # refuse a strategy that cannot run before joining the group
+        resolve_strategy(train, World(world_size=world_size))
     if not dist.is_available():
         raise ExemplarError(
             "this PyTorch build has no torch.distributed: multi-process training is unavailable"
@@ -142,17 +139,27 @@ def shutdown() -> None:
 
 
 def resolve_strategy(train: TrainConfig, world: World) -> str:
-    """'none' for one process; else fsdp2 or ddp (auto: fsdp2, ddp for QLoRA's 4-bit weights)."""
+    """How `world`'s ranks train: 'none' for one process; else 'fsdp2' or 'ddp' (auto: fsdp2, ddp
+    for QLoRA's 4-bit weights). The training loop resolves it once and hands it to the wrapping.
+
+    Raises ConfigError for settings that cannot run on `world` (and warns for ignored ones).
+    """
     if not world.distributed:
-        return "none"
-    if train.distributed == "none":
-        raise ConfigError(f"train.distributed is 'none' but {world.world_size} ranks are running")
-    if train.distributed == "auto":
-        return "ddp" if train.method == "qlora" else "fsdp2"
-    return train.distributed
+        strategy = "none"
+    elif train.distributed == "none":
+        raise ConfigError(
+            f"train.distributed is 'none' but torchrun started {world.world_size} ranks: "
+            "set train.distributed to auto, fsdp2 or ddp, or launch one process"
+        )
+    elif train.distributed == "auto":
+        strategy = "ddp" if train.method == "qlora" else "fsdp2"
+    else:
+        strategy = train.distributed
+    _check_offload(train, strategy)
+    return strategy
 
 
-def check_offload(train: TrainConfig, strategy: str) -> None:
+def _check_offload(train: TrainConfig, strategy: str) -> None:
     if not train.cpu_offload_optimizer or strategy == "fsdp2":
         return
     if strategy == "none":
@@ -347,26 +354,24 @@ def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 class Wrapped:
     forward: nn.Module  # what train_step calls (the FSDP2 root, or the DDP wrapper)
     evaluator: nn.Module  # what evaluation calls (every rank, same number of times)
-    sync: RankSync
-    strategy: str
+    sync: RankSync  # carries the strategy
 
 
 def wrap_for_training(
-    loss_fn: nn.Module, train: TrainConfig, world: World, device: torch.device, bf16: bool
+    loss_fn: nn.Module, strategy: str, train: TrainConfig, world: World, device: torch.device, bf16: bool
 ) -> Wrapped:
-    """Wrap the loss module (an `LMLoss`) for `world`'s ranks with FSDP2 or DDP.
+    """Wrap the loss module (an `LMLoss`) for `world`'s ranks with FSDP2 or DDP (`strategy`, from
+    `resolve_strategy`).
 
     Call after the model is on its device and gradient checkpointing is set, and build the
     optimizer afterwards (FSDP2 replaces the parameters with sharded ones).
     """
-    strategy = resolve_strategy(train, world)
-    check_offload(train, strategy)
     if strategy == "fsdp2":
         shard_model(loss_fn, train, world, device, bf16)
-        return Wrapped(loss_fn, loss_fn, RankSync(world, strategy), strategy)
+        return Wrapped(loss_fn, loss_fn, RankSync(world, strategy))
     if strategy == "ddp":
         ddp = _ddp(loss_fn, device)
-        return Wrapped(ddp, loss_fn, RankSync(world, strategy, ddp), strategy)
+        return Wrapped(ddp, loss_fn, RankSync(world, strategy, ddp))
     raise ConfigError(f"unknown train.distributed strategy: {strategy}")
 
 
@@ -396,7 +401,7 @@ def shard_model(
             log.warning("train.cpu_offload_optimizer has no effect when training on the CPU")
     # QLoRA: the frozen 4-bit weights stay whole on every rank (bitsandbytes packs them itself);
     # only the trainable adapter is sharded.
-    ignored = {p for p in loss_fn.parameters() if not p.requires_grad} if _is_quantized(loss_fn) else None
+    ignored = {p for p in loss_fn.parameters() if not p.requires_grad} if is_quantized(loss_fn) else None
     kwargs: dict[str, Any] = {"mesh": mesh, "mp_policy": mp_policy, "offload_policy": offload}
     if ignored:
         kwargs["ignored_params"] = ignored
@@ -416,7 +421,7 @@ def decoder_blocks(loss_fn: nn.Module) -> list[nn.Module]:
 
     Falls back to the children of the longest `nn.ModuleList` for models that do not name them.
     """
-    from exemplar.train.loss import unwrap_peft
+    from exemplar.model.lora import unwrap_peft
 
     model = getattr(loss_fn, "model", loss_fn)
     names = set(getattr(unwrap_peft(model), "_no_split_modules", None) or ())
@@ -452,91 +457,3 @@ def _sum_hook(state, bucket):  # no annotations: DDP checks them, and ours are s
     group = state if state is not None else dist.group.WORLD
     fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
-
-
-def _is_quantized(module: nn.Module) -> bool:
-    return any(
-        getattr(m, "is_loaded_in_4bit", False) or getattr(m, "is_loaded_in_8bit", False)
-        for m in module.modules()
-    )
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-# ---------------------------------------------------------------------------------------------
-# The final model, in one piece
-
-
-def model_for_export(model: nn.Module, world: World) -> nn.Module | None:
-    """On rank 0, a model that `save_model` can write as an ordinary Hugging Face folder; None elsewhere.
-
-    Collective when the model is FSDP2-sharded: every rank must call it. The full state dict is
-    gathered to rank 0's CPU one tensor at a time, then loaded into a fresh copy of the model built
-    on the meta device (no second initialization). A DDP or single-process model is returned as is.
-    """
-    if not is_sharded(model):
-        return model if world.is_main else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    quantized = _is_quantized(model)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=quantized)
-    state = get_model_state_dict(model, options=options)
-    if not world.is_main:
-        return None
-    if quantized:
-        return _unshard_in_place(model, state)
-    return _plain_copy(model, state)
-
-
-def _plain_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    from peft import PeftModel, get_peft_model
-
-    from exemplar.train.loss import unwrap_peft
-
-    lm = unwrap_peft(model)
-    config = copy.deepcopy(lm.config)
-    with torch.device("meta"):
-        fresh = type(lm)._from_config(config)  # the class itself: remote-code models included
-        if isinstance(model, PeftModel):
-            adapter = model.active_adapter
-            fresh = get_peft_model(fresh, copy.deepcopy(model.peft_config[adapter]), adapter_name=adapter)
-    result = fresh.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise ExemplarError(f"gathered weights do not fit the model: {', '.join(result.unexpected_keys[:5])}")
-    # Non-persistent buffers (rotary tables) are not in the state dict: take them from the original.
-    originals = dict(model.named_buffers())
-    for name, buf in list(fresh.named_buffers()):
-        if buf.is_meta and name in originals:
-            module_name, _, attr = name.rpartition(".")
-            owner = fresh.get_submodule(module_name) if module_name else fresh
-            persistent = attr not in getattr(owner, "_non_persistent_buffers_set", set())
-            owner.register_buffer(attr, originals[name].detach().to("cpu").clone(), persistent=persistent)
-    base = unwrap_peft(fresh)
-    if hasattr(base, "tie_weights"):
-        base.tie_weights()
-    still_meta = [n for n, t in [*fresh.named_parameters(), *fresh.named_buffers()] if t.is_meta]
-    if still_meta:
-        raise ExemplarError(f"gathered weights lack {', '.join(still_meta[:5])}")
-    if getattr(lm, "generation_config", None) is not None:
-        base.generation_config = copy.deepcopy(lm.generation_config)
-    base.name_or_path = getattr(lm, "name_or_path", "")
-    return fresh.eval()
-
-
-def _unshard_in_place(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """QLoRA: swap the sharded trainable (adapter) weights for their gathered full values, on rank 0.
-
-    The 4-bit base stays as loaded (it was never sharded). The model cannot train afterwards.
-    """
-    params = dict(model.named_parameters())
-    for name, value in state.items():
-        if name not in params:
-            continue
-        module_name, _, attr = name.rpartition(".")
-        owner = model.get_submodule(module_name) if module_name else model
-        setattr(owner, attr, nn.Parameter(value.to(params[name].device), requires_grad=False))
-    return model

@@ -87,8 +87,8 @@ class _Inputs:
 def _finetune(config: Config, world, inputs: _Inputs, resume: bool, progress: bool) -> dict[str, Any]:
     from exemplar.data.pipeline import prepare_data
     from exemplar.data.tokenizer import load_tokenizer
-    from exemplar.model.export import save_model
-    from exemplar.train.distributed import barrier, broadcast_object, model_for_export, run_in_stages
+    from exemplar.model.export import model_for_export, save_model
+    from exemplar.train.distributed import barrier, broadcast_object, run_in_stages
     from exemplar.train.loop import run_training, seed_everything
 
     if not world.is_main:

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +29,14 @@ import torch
 from torch import nn
 
 from exemplar.config import Config, TrainConfig
-from exemplar.data.packing import Batch, collate_packed, collate_padded, flatten_batch
-from exemplar.data.schema import IGNORE_INDEX
 from exemplar.errors import ExemplarError
+from exemplar.evaluate import likelihood
+from exemplar.model.lora import is_quantized
+from exemplar.model.special_ids import pad_token_id
 from exemplar.train import distributed as dist_utils
-from exemplar.train.batching import Seq, TrainPlan, example_lengths
+from exemplar.train.attention import needs_flat_batches
+from exemplar.train.batch import Batch, BatchLoader
+from exemplar.train.batching import TrainPlan, checked_lengths
 from exemplar.train.checkpoint import (
     config_hash,
     latest_checkpoint,
@@ -43,8 +45,9 @@ from exemplar.train.checkpoint import (
     remove_stale,
     save_checkpoint,
 )
-from exemplar.train.loss import LMLoss, needs_flat_batches
+from exemplar.train.loss import LMLoss
 from exemplar.train.metrics import MetricsLogger, peak_memory
+from exemplar.train.precision import autocast_factory
 from exemplar.train.run_guard import StopRequests, TrainingInterrupted, output_dir_lock
 from exemplar.train.schedule import build_optimizer, lr_at, schedule_state, set_lr
 
@@ -75,25 +78,22 @@ def train_step(
     *,
     max_grad_norm: float | None,
     autocast: Callable[[], contextlib.AbstractContextManager],
-    reduce_count: Callable[[int], int] | None = None,
     fillers: Sequence[Batch] = (),
     sync: dist_utils.RankSync | None = None,
 ) -> StepResult:
     """Forward/backward every micro-batch of one step, then clip and update.
 
     Every micro-batch's summed loss is divided by the trained tokens of the whole step (on every
-    rank, once `reduce_count` all-reduces the count), so the gradient is the mean over the step's
-    tokens whatever the micro-batch size, accumulation, or number of ranks.
+    rank, once `sync` all-reduces the count), so the gradient is the mean over the step's tokens
+    whatever the micro-batch size, accumulation, or number of ranks.
 
-    With several ranks, `sync` all-reduces the count (unless `reduce_count` is given), the
-    reported loss and tokens, and takes the global gradient norm; `fillers` are run with weight 0
-    after the real micro-batches, so that every rank runs as many passes as the busiest one.
+    With several ranks, `sync` all-reduces the count, the reported loss and tokens, and takes the
+    global gradient norm; `fillers` are run with weight 0 after the real micro-batches, so that
+    every rank runs as many passes as the busiest one.
     """
     num_trained = sum(b.num_trained for b in micro_batches)
-    if reduce_count is None and sync is not None:
-        reduce_count = sync.count
-    if reduce_count is not None:
-        num_trained = reduce_count(num_trained)
+    if sync is not None:
+        num_trained = sync.count(num_trained)
     denominator = max(num_trained, 1)
 
     optimizer.zero_grad(set_to_none=True)
@@ -124,92 +124,6 @@ def train_step(
     if not skipped:
         optimizer.step()
     return StepResult(loss_value, grad_norm, num_tokens, num_trained, skipped, nonfinite)
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-
-
-@torch.no_grad()
-def evaluate(
-    loss_fn: LMLoss,
-    batches: Iterable[Batch | tuple[Batch, bool]],
-    autocast: Callable[[], contextlib.AbstractContextManager],
-    world: dist_utils.World = dist_utils.SINGLE,
-) -> dict[str, float]:
-    """Loss, perplexity and token accuracy over every trained token of `batches`.
-
-    Items may be (batch, counted) pairs: uncounted ones are fillers that keep the ranks' forward
-    passes in step. With several ranks the sums are all-reduced, so every rank returns the totals.
-    """
-    was_training = loss_fn.model.training
-    loss_fn.model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    try:
-        for item in batches:
-            batch, counted = item if isinstance(item, tuple) else (item, True)
-            with autocast():
-                sums = loss_fn(batch, with_accuracy=True)
-            if not counted:
-                continue
-            loss_sum += float(sums.loss_sum)
-            correct += int(sums.num_correct)
-            count += sums.num_trained
-    finally:
-        loss_fn.model.train(was_training)
-    if world.distributed:
-        loss_sum, correct, count = dist_utils.all_reduce_sum([loss_sum, correct, count], world)
-        correct, count = int(correct), int(count)
-    loss = loss_sum / max(count, 1)
-    return {
-        "eval_loss": loss,
-        "eval_perplexity": math.exp(loss) if loss < 700 else math.inf,
-        "eval_token_accuracy": correct / max(count, 1),
-        "eval_tokens": count,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches from the dataset
-
-
-class BatchLoader:
-    """Turns planned rows (tuples of example indices) into tensors on the training device."""
-
-    def __init__(self, dataset, packing: bool, pad_id: int, device: torch.device, flat: bool):
-        self.dataset = dataset.select_columns(["input_ids", "labels"])
-        self.packing, self.pad_id, self.device, self.flat = packing, pad_id, device, flat
-        self._filler: Batch | None = None
-
-    def filler(self) -> Batch:
-        """A 2-token batch with one trained position, run with weight 0 by a rank with no rows left.
-
-        A real (not all-masked) target makes the pass touch every parameter the real ones do
-        (the output layer included), so the gradient collectives of FSDP/DDP line up.
-        """
-        if self._filler is None:
-            example = ([self.pad_id, self.pad_id], [IGNORE_INDEX, self.pad_id])
-            batch = (
-                collate_packed([[example]], self.pad_id)
-                if self.packing
-                else collate_padded([example], self.pad_id)
-            )
-            self._filler = (flatten_batch(batch) if self.flat else batch).to(self.device)
-        return self._filler
-
-    def __call__(self, rows: list[Seq]) -> Batch:
-        wanted = sorted({i for row in rows for i in row})
-        data = self.dataset[wanted]
-        examples = {
-            i: (ids, labs) for i, ids, labs in zip(wanted, data["input_ids"], data["labels"], strict=True)
-        }
-        if self.packing:
-            batch = collate_packed([[examples[i] for i in row] for row in rows], self.pad_id)
-        else:
-            batch = collate_padded([examples[row[0]] for row in rows], self.pad_id)
-        if self.flat:
-            batch = flatten_batch(batch)
-        return batch.to(self.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,15 +162,16 @@ def run_training(
 ) -> dict[str, Any]:
     """Train `model` on the tokenized `train_ds` (columns input_ids, labels) and return the summary.
 
-    Writes OUTPUT/metrics.jsonl, OUTPUT/checkpoints/step-N/ and OUTPUT/train_summary.json.
+    Writes OUTPUT/metrics.jsonl and OUTPUT/checkpoints/step-N/; the summary is returned (`finetune`
+    writes it to OUTPUT/train_summary.json, with the exported outputs).
     With `resume`, continues from the newest complete checkpoint in OUTPUT (if there is one);
     without it, refuses an OUTPUT that already holds checkpoints. `callbacks` are called as
     callback(event, payload) for the events "step_end", "eval", "checkpoint" and "end". `progress`
     shows the tqdm bar. The model is left trained, in eval mode.
 
     Under torchrun with several ranks every rank calls this with the same arguments; the model is
-    then left wrapped (FSDP2: sharded; `distributed.model_for_export` gathers it). Only rank 0
-    writes metrics, the summary and the progress bar; callbacks run on every rank.
+    then left wrapped (FSDP2: sharded; `exemplar.model.export.model_for_export` gathers it).
+    Only rank 0 writes metrics and the progress bar; callbacks run on every rank.
 
     One run at a time per output folder (a second one refuses: `OutputDirBusy`). SIGINT and SIGTERM
     stop after the current step with a checkpoint (`TrainingInterrupted`, which says how to
@@ -282,19 +197,31 @@ def _run_training(config, model, tokenizer, train_ds, eval_ds, resume, callbacks
             f"torchrun started {dist_utils.launched_world_size()} ranks but torch.distributed is not "
             "initialized: call exemplar.train.distributed.init_distributed() first (finetune does)"
         )
-    strategy = dist_utils.resolve_strategy(train, world)
-    dist_utils.check_offload(train, strategy)
+    strategy = dist_utils.resolve_strategy(train, world)  # the one decision: none, fsdp2 or ddp
     # Rank 0 draws the stream one process would; other ranks their own (dropout masks must differ
     # between ranks). The data order does not depend on it: it is seeded by (seed, epoch).
     seed_everything(train.seed + world.rank)
     device = _place(model)
     flat = needs_flat_batches(model)
 
-    lengths = _checked_lengths(train_ds, config.max_length)
+    lengths = checked_lengths(train_ds, config.max_length)
     plan = _plan(config, lengths, shuffle=config.data.shuffle, world_size=world.world_size)
     total_steps = plan.total_steps(train.epochs, train.max_steps)
-    load = BatchLoader(train_ds, config.packing, _pad_id(tokenizer), device, flat)
-    eval_batches = _eval_batches(config, eval_ds, tokenizer, device, flat, world) if eval_ds else None
+    load = BatchLoader(train_ds, config.packing, pad_token_id(tokenizer), device, flat)
+    eval_batches = None
+    if eval_ds:
+        eval_batches = likelihood.eval_batches(
+            eval_ds,
+            max_length=config.max_length,
+            packing=config.packing,
+            micro_batch_size=train.micro_batch_size,
+            max_tokens_per_batch=train.max_tokens_per_batch,
+            seed=train.seed,
+            pad_id=pad_token_id(tokenizer),
+            device=device,
+            flat=flat,
+            world=world,
+        )
     fingerprint = _fingerprint(plan)
     dist_utils.check_same_everywhere(fingerprint, world, "the training data")
 
@@ -307,7 +234,7 @@ def _run_training(config, model, tokenizer, train_ds, eval_ds, resume, callbacks
     if strategy != "none":
         dist_utils.check_same_weights(model, world)
         bf16 = autocast is not contextlib.nullcontext
-        wrapped = dist_utils.wrap_for_training(loss_fn, train, world, device, bf16)
+        wrapped = dist_utils.wrap_for_training(loss_fn, strategy, train, world, device, bf16)
         forward, evaluator, sync = wrapped.forward, wrapped.evaluator, wrapped.sync
     optimizer = build_optimizer(model, train)  # after wrapping: FSDP2 replaces the parameters
     schedule = schedule_state(train, total_steps)
@@ -347,7 +274,7 @@ def _run_training(config, model, tokenizer, train_ds, eval_ds, resume, callbacks
         return path
 
     def run_eval() -> None:
-        result = evaluate(evaluator, eval_batches(), autocast, world)
+        result = likelihood.evaluate(evaluator, eval_batches(), autocast, world)
         state.last_eval, state.last_eval_step = result, state.step
         row = {"step": state.step, "epoch": round(state.step / plan.steps_per_epoch, 4), **result}
         logger.log_eval(row)
@@ -416,8 +343,6 @@ def _run_training(config, model, tokenizer, train_ds, eval_ds, resume, callbacks
     if world.distributed:
         summary["world_size"] = world.world_size
         summary["distributed"] = strategy
-    if world.is_main:
-        _write_json(output_dir / "train_summary.json", summary)
     _emit(callbacks, "end", summary)
     return summary
 
@@ -445,82 +370,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """A fresh autocast context per use: bf16 on GPU under `auto`, fp32 on CPU unless `bf16`."""
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    if not use_bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def _place(model: nn.Module) -> torch.device:
     """Train where the model is; move a CPU model to the GPU when there is one (not quantized ones)."""
     device = next(model.parameters()).device
-    if device.type == "cpu" and torch.cuda.is_available() and not getattr(model, "is_quantized", False):
+    if device.type == "cpu" and torch.cuda.is_available() and not is_quantized(model):
         model.to("cuda")
         device = torch.device("cuda")
     return device
 
 
-def _pad_id(tokenizer: Any) -> int:
-    # Any id works: pads are never attended to by real tokens and never trained.
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
-def _checked_lengths(dataset, max_length: int, what: str = "training") -> np.ndarray:
-    lengths = example_lengths(dataset)
-    if len(lengths) == 0:
-        raise ExemplarError(f"no {what} examples: the {what} dataset is empty")
-    if lengths.min() < 1 or lengths.max() > max_length:
-        bad = int(np.flatnonzero((lengths < 1) | (lengths > max_length))[0])
-        raise ExemplarError(
-            f"{what} row {bad} has {int(lengths[bad])} tokens; rows must have 1 to max_length={max_length}"
-        )
-    return lengths
-
-
-def _plan(
-    config: Config, lengths: np.ndarray, shuffle: bool, grad_accum: int | None = None, world_size: int = 1
-) -> TrainPlan:
+def _plan(config: Config, lengths: np.ndarray, shuffle: bool, world_size: int = 1) -> TrainPlan:
     train: TrainConfig = config.train
     return TrainPlan.build(
         lengths,
         max_length=config.max_length,
         packing=config.packing,
         micro_batch_size=train.micro_batch_size,
-        grad_accum=grad_accum or train.grad_accum,
+        grad_accum=train.grad_accum,
         max_tokens_per_batch=train.max_tokens_per_batch,
         seed=train.seed,
         shuffle=shuffle,
         world_size=world_size,
     )
-
-
-def _eval_batches(
-    config: Config, eval_ds, tokenizer: Any, device: torch.device, flat: bool, world: dist_utils.World
-):
-    """A re-iterable of (batch, counted) pairs: this rank's share of each planned step, in dataset
-    order, plus fillers so that every rank runs as many forward passes as the busiest one."""
-    lengths = _checked_lengths(eval_ds, config.max_length, "eval")
-    plan = _plan(config, lengths, shuffle=False, grad_accum=1, world_size=world.world_size)
-    load = BatchLoader(eval_ds, config.packing, _pad_id(tokenizer), device, flat)
-
-    def batches():
-        for step in plan.epoch_steps(0):
-            mine = plan.rank_micro_batches(step, world.rank, world.world_size)
-            for rows in mine:
-                yield load(rows), True
-            if world.distributed:
-                for _ in range(plan.micro_batches_per_rank(step, world.world_size) - len(mine)):
-                    yield load.filler(), False
-
-    return batches
 
 
 def _fingerprint(plan: TrainPlan) -> str:
@@ -718,9 +589,3 @@ def _disable_checkpointing(model: torch.nn.Module) -> None:
 def _emit(callbacks: list[Callback], event: str, payload: dict[str, Any]) -> None:
     for callback in callbacks:
         callback(event, payload)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from exemplar.fsio import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -33,9 +35,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
             continue
         if isinstance(row, dict) and row.get("step", math.inf) <= last_step:
             kept.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
