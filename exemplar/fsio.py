@@ -8,13 +8,17 @@ exports, summaries and curation outputs all go through these functions.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from exemplar.errors import ExemplarError
 
 # The process umask, read once at import (reading it means setting it, which would race with
 # other threads if done per write).
@@ -85,6 +89,49 @@ def temp_dir_beside(final: str | Path, tag: str = "tmp") -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{tag}-", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)
     return tmp
+
+
+@contextmanager
+def disk_full_guard(
+    what: str, folder: Path, needed: Callable[[], int], cleanup: Path | None = None, hint: str = ""
+) -> Iterator[None]:
+    """Run a write; a full disk becomes an ExemplarError naming `what`, the space needed and the
+    space free, after `cleanup` (the partial output) is removed. Other errors pass unchanged."""
+    try:
+        yield
+    except BaseException as e:
+        full = _is_disk_full(e, folder, needed)
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        if full:
+            free = shutil.disk_usage(folder).free
+            raise ExemplarError(
+                f"no space left on device while writing {what}: it needs about {_mib(needed())} and "
+                f"{_mib(free)} is free; nothing partial was left behind" + (f". {hint}" if hint else "")
+            ) from None
+        raise
+
+
+def _is_disk_full(e: BaseException, folder: Path, needed: Callable[[], int]) -> bool:
+    # safetensors and json report ENOSPC as an OSError with its errno; torch.save's C++ writer
+    # raises a RuntimeError with no errno and a message about stream positions
+    # ("inline_container.cc ... unexpected pos"), safetensors its own error type. So: the errno
+    # where there is one, the words where they are given, else whether the disk has, at the moment
+    # of the failure, less room than the output needs.
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit
+        return False
+    if "no space left on device" in str(e).lower():  # e.g. safetensors' own error type
+        return True
+    try:
+        return shutil.disk_usage(folder).free < needed()
+    except OSError:
+        return False
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def fsync_file(path: str | Path) -> None:

@@ -165,3 +165,55 @@ def test_a_full_disk_during_a_checkpoint_names_the_path_and_keeps_the_previous_o
         save_checkpoint(root, 2, **kwargs)
     assert checkpoint_problem(first) is None
     assert sorted(p.name for p in root.iterdir()) == ["step-000001"]  # no partial folder left
+
+
+@pytest.mark.skipif(shutil.which("mount") is None or os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_full_disk_while_exporting_the_model_keeps_the_previous_folder(tmp_path, small_disk):
+    from transformers import AutoTokenizer
+
+    from exemplar.model.export import save_model
+    from exemplar.quickstart import tokenizer_path
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path())
+    small, big = tiny_model(), tiny_model("gemma")
+    big.resize_token_embeddings(40_000)  # about 5 MB of weights: more than the disk holds
+    disk = small_disk(3 << 20)
+    save_model(small, tokenizer, disk, stop_token_ids=[tokenizer.eos_token_id])
+    before = sorted(p.name for p in (disk / "model").iterdir())
+    with pytest.raises(ExemplarError, match=r"no space left on device while writing .*model: it needs about"):
+        save_model(big, tokenizer, disk, stop_token_ids=[tokenizer.eos_token_id])
+    assert sorted(p.name for p in (disk / "model").iterdir()) == before
+    assert sorted(p.name for p in disk.iterdir()) == ["model"]  # no partial folder beside it
+
+
+@pytest.mark.skipif(shutil.which("mount") is None or os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_full_disk_while_caching_the_data_names_the_cache_and_leaves_nothing(tmp_path, small_disk):
+    import json
+
+    from exemplar.config import load_config
+    from exemplar.data.pipeline import prepare_data
+    from exemplar.quickstart import tokenizer_path
+
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"question {i} " * 20},
+                {"role": "assistant", "content": "x" * 200},
+            ]
+        }
+        for i in range(400)
+    ]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cache = small_disk(64 << 10)
+    config = load_config(
+        None,
+        tokenizer=tokenizer_path(),
+        chat_template="chatml",
+        data={"train": [{"path": str(tmp_path / "d.jsonl")}], "cache_dir": str(cache), "num_proc": 1},
+        max_length=512,
+    )
+    with pytest.raises(
+        ExemplarError, match=r"no space left on device while writing the data cache .*data.cache_dir"
+    ):
+        prepare_data(config, progress=False)
+    assert not list(cache.rglob(".tmp-*"))  # the partial cache folder is gone

@@ -40,7 +40,7 @@ from exemplar.data.schema import Conversation
 from exemplar.data.sources import Source, sources, train_sources
 from exemplar.data.tokenizer import TokenizerBundle, load_tokenizer
 from exemplar.errors import DataError, RowError
-from exemplar.fsio import atomic_write_json
+from exemplar.fsio import atomic_write_json, disk_full_guard
 
 log = logging.getLogger(__name__)
 
@@ -455,7 +455,8 @@ def _write_cache(folder: Path, ds: Any, report: SourceReport) -> None:
     """Write to a temporary sibling, then rename: a crash never leaves a half-written cache."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
-    try:
+    hint = "set data.cache_dir (or $EXEMPLAR_CACHE) to a disk with room"
+    with disk_full_guard(f"the data cache {folder}", folder.parent, lambda: ds.data.nbytes, tmp, hint):
         if len(ds):
             ds.save_to_disk(str(tmp / "data"))
         else:
@@ -464,6 +465,3 @@ def _write_cache(folder: Path, ds: Any, report: SourceReport) -> None:
         if folder.exists():
             shutil.rmtree(folder)
         os.rename(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +30,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from exemplar.config import ModelConfig, TrainConfig
 from exemplar.errors import ExemplarError
-from exemplar.fsio import atomic_write_json, fsync_dir, fsync_file, temp_dir_beside
+from exemplar.fsio import atomic_write_json, disk_full_guard, fsync_dir, fsync_file, temp_dir_beside
 from exemplar.model.lora import is_quantized, unwrap_peft
 from exemplar.model.special_ids import pad_token_id
 
@@ -234,8 +234,9 @@ def export_generation_config(
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder next to `final`; on success it replaces `final`, on error it is removed.
+def atomic_dir(final: str | Path, needed: Callable[[], int] = lambda: 0) -> Iterator[Path]:
+    """Yield a temporary folder next to `final`; on success it replaces `final`, on error it is
+    removed (a full disk is a clear error with the space `needed`, in bytes, and free).
 
     The old folder is renamed aside before the new one is renamed in and deleted only afterwards,
     so at every moment one complete copy exists on disk (`final` or the renamed old one). The files
@@ -244,11 +245,8 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(final)
-    try:
+    with disk_full_guard(str(final), final.parent, needed, cleanup=tmp, hint="the previous copy is intact"):
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for path in tmp.rglob("*"):
         if path.is_file():
             fsync_file(path)
@@ -285,7 +283,7 @@ def is_peft_model(model: torch.nn.Module) -> bool:
 
 def _save_full(model: PreTrainedModel, tokenizer: Any, final: Path, stop_token_ids: list[int]) -> Path:
     generation = export_generation_config(model, tokenizer, stop_token_ids)
-    with atomic_dir(final) as tmp, _cache_enabled(model):
+    with atomic_dir(final, lambda: _weight_bytes(model)) as tmp, _cache_enabled(model):
         model.save_pretrained(tmp)  # safetensors: the only format transformers 5 writes
         generation.save_pretrained(tmp)
         _save_tokenizer(tokenizer, tmp)
@@ -295,11 +293,17 @@ def _save_full(model: PreTrainedModel, tokenizer: Any, final: Path, stop_token_i
 def _save_adapter(model: torch.nn.Module, tokenizer: Any, final: Path, stop_token_ids: list[int]) -> Path:
     base = model.get_base_model()
     generation = export_generation_config(base, tokenizer, stop_token_ids)
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, lambda: _weight_bytes(model, trainable_only=True)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         generation.save_pretrained(tmp)
         _save_tokenizer(tokenizer, tmp)
     return final
+
+
+def _weight_bytes(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """About what the weights take on disk (the tokenizer's few MB aside)."""
+    params = [p for p in model.parameters() if p.requires_grad or not trainable_only]
+    return sum(p.numel() * p.element_size() for p in params)
 
 
 def _save_tokenizer(tokenizer: Any, folder: Path) -> None:

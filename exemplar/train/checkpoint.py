@@ -32,8 +32,6 @@ resume on a different number of ranks than it was saved from.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import io
 import json
@@ -44,7 +42,6 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +51,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from exemplar.errors import ExemplarError
-from exemplar.fsio import atomic_write_json, fsync_dir, fsync_file
+from exemplar.fsio import atomic_write_json, disk_full_guard, fsync_dir, fsync_file
 
 if TYPE_CHECKING:
     from exemplar.train.distributed import World
@@ -194,7 +191,10 @@ def save_checkpoint(
         return _save_sharded(root, step, model, optimizer, schedule, trainer_state, world)
     final = root / step_dir_name(step)
     tmp = _empty_tmp(root, f"{TMP_PREFIX}{final.name}-{os.getpid()}")
-    with _space_checked(tmp, final, lambda: _state_bytes(model, optimizer)):
+    hint = "keep fewer checkpoints with train.keep_last, or free some space, and resume"
+    with disk_full_guard(
+        f"checkpoint {final}", final.parent, lambda: _state_bytes(model, optimizer), tmp, hint
+    ):
         save_file(trainable_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
@@ -203,40 +203,6 @@ def save_checkpoint(
         _write_manifest(tmp)  # last: its presence marks completeness
         _publish(tmp, final)
     return final
-
-
-@contextlib.contextmanager
-def _space_checked(tmp: Path, final: Path, needed: Callable[[], int]) -> Iterator[None]:
-    """A full disk while writing a checkpoint: the partial folder goes, the previous checkpoints
-    stay, and the error names the folder, the space needed and the space free."""
-    try:
-        yield
-    except BaseException as e:
-        full = _is_disk_full(e, final.parent, needed)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if full:
-            free = shutil.disk_usage(final.parent).free
-            raise ExemplarError(
-                f"no space left on device while writing checkpoint {final}: it needs about "
-                f"{_mib(needed())} and {_mib(free)} is free. The previous checkpoints are intact; free "
-                "some space (or keep fewer checkpoints with train.keep_last) and resume"
-            ) from None
-        raise
-
-
-def _is_disk_full(e: BaseException, folder: Path, needed: Callable[[], int]) -> bool:
-    # safetensors and json report ENOSPC as an OSError with its errno; torch.save's C++ writer
-    # raises a RuntimeError with no errno and a message about stream positions
-    # ("inline_container.cc ... unexpected pos"). So: the errno where there is one, else whether
-    # the disk has, at the moment of the failure, less room than the checkpoint needs.
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    if not isinstance(e, (OSError, RuntimeError)):
-        return False
-    try:
-        return shutil.disk_usage(folder).free < needed()
-    except OSError:
-        return False
 
 
 def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -248,10 +214,6 @@ def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
         if isinstance(t, torch.Tensor)
     )
     return weights + moments
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
 
 
 def _empty_tmp(root: Path, name: str) -> Path:
