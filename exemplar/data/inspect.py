@@ -10,9 +10,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+import numpy as np
+
 from exemplar.config import Config
 from exemplar.data.encode import Encoder
-from exemplar.data.formats import convert_all
+from exemplar.data.formats import convert_all, iter_examples
 from exemplar.data.pipeline import build_masker, prepare_data
 from exemplar.data.schema import IGNORE_INDEX, Conversation, Example, SourceRow
 from exemplar.data.tokenizer import TokenizerBundle, load_tokenizer
@@ -162,12 +164,15 @@ def compute_stats(
 ) -> dict[str, Any]:
     bundle = bundle or load_tokenizer(config)
     prepared = prepare_data(config, bundle=bundle, progress=progress)
-    lengths = [len(ids) for ids in prepared.train["input_ids"]]
-    trained = sum(sum(1 for x in labels if x != IGNORE_INDEX) for labels in prepared.train["labels"])
+    lengths, trained = token_counts(prepared.train)
+    lengths = lengths.tolist()
     turns: Counter[int] = Counter()
-    for spec in config.data.train:
-        examples, _ = convert_all(spec, resolve=config.resolve_path)
-        turns.update(_assistant_turns(ex) for _, ex in examples)
+    for spec in config.data.train:  # streamed: one converted row at a time
+        turns.update(
+            _assistant_turns(item[1])
+            for item in iter_examples(spec, config.resolve_path)
+            if isinstance(item, tuple)
+        )
     dropped: Counter[str] = Counter()
     for report in prepared.reports:
         dropped.update(report.dropped)
@@ -185,6 +190,19 @@ def compute_stats(
         "dropped": dict(dropped),
         "sources": [r.lines() for r in prepared.reports],
     }
+
+
+def token_counts(dataset: Any, batch_size: int = 65536) -> tuple[np.ndarray, int]:
+    """Each row's length and the number of trained tokens, read from the Arrow columns a batch at
+    a time (never as Python lists of every token: a large dataset stays memory-mapped)."""
+    import pyarrow.compute as pc
+
+    lengths, trained = [], 0
+    for table in dataset.with_format("arrow").iter(batch_size=batch_size):
+        lengths.append(pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False))
+        labels = pc.list_flatten(table.column("labels"))
+        trained += int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
+    return (np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)), trained
 
 
 def _assistant_turns(example: Example) -> int:
