@@ -154,7 +154,8 @@ class PieceTokenizer:
 
     def encode_rows(self, rows: list[list[Piece]]) -> list[list[Chunk]]:
         """Token ids and trained flags of each row, in chunks."""
-        return self.resolve(*self.plan(rows))
+        plan, queues = self.plan(rows)
+        return self.resolve(plan, self.content_ids(queues))
 
     def plan(self, rows: list[list[Piece]]) -> tuple[list[list[Any]], dict[tuple[bool, bool], list]]:
         """Sections without content resolved now (memo); sections with content queued for one
