@@ -36,7 +36,7 @@ from exemplar.errors import DataError, RowError
 log = logging.getLogger(__name__)
 
 # Bump when the encoding logic changes, so caches written by older code are not reused.
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"
 # Below this many rows a single process is faster than starting workers.
 _PARALLEL_MIN_ROWS = 4096
 
