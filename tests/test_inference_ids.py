@@ -235,3 +235,37 @@ def test_property_inference_ids_and_masks(template, kind, clean, dirty):
             blanked = inference_ids(tokenizer, _blanked(tokenizer, conv))
             assert _special_ids(tokenizer, ids) == _special_ids(tokenizer, blanked)
         assert_runs_are_the_responses(tokenizer, ids, labels, rendered, regions)
+
+
+# -- `exemplar data preview` ---------------------------------------------------------------------
+
+
+def test_preview_shows_text_as_the_tokenizer_decodes_it(tmp_path, capsys):
+    """A tokenizer whose decoder strips a token's leading space (as Llama 2's does) and that spells
+    Chinese in byte tokens: decoded one token at a time the preview read "Hellothere:" and showed
+    U+FFFD; decoded as runs, it shows the text, with the trained run still marked."""
+    import json
+
+    import yaml
+
+    from exemplar.cli import main
+
+    trained_tokenizer("metaspace_first").save_pretrained(tmp_path / "tok")
+    row = {
+        "messages": [
+            {"role": "user", "content": "Say hello in Chinese"},
+            {"role": "assistant", "content": "Hello there: 你好 (ni hao)"},
+        ]
+    }
+    (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
+    config = {
+        "tokenizer": str(tmp_path / "tok"),
+        "chat_template": "chatml",
+        "data": {"train": [{"path": str(tmp_path / "d.jsonl")}], "cache_dir": str(tmp_path / "cache")},
+        "max_length": 256,
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["data", "preview", str(tmp_path / "c.yaml"), "--no-color"]) == 0
+    out = capsys.readouterr().out
+    assert "⟨<|im_start|>⟩assistant\n[[Hello there: 你好 (ni hao)⟨<|im_end|>⟩]]" in out
+    assert "Say hello in Chinese⟨<|im_end|>⟩" in out and "\ufffd" not in out
