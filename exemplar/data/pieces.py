@@ -162,7 +162,9 @@ class PieceTokenizer:
         batched call per (view, whether trained and untrained text meet in it).
 
         Returns, per row, a list whose items are chunks or (queue key, index, trained) slots, and
-        the queues: texts (uniform sections) or (text, trained spans) (mixed ones).
+        the queues: texts (uniform sections) or (text, trained spans, prefix ids) (mixed ones;
+        prefix ids: those of the untrained template text that opens a section whose rest is
+        trained, the usual shape of an assistant turn, else None).
         """
         queues: dict[tuple[bool, bool], list] = {(f, m): [] for f in (True, False) for m in (True, False)}
         plan = []
@@ -185,22 +187,36 @@ class PieceTokenizer:
                 else:
                     queue = queues[(first, True)]
                     items.append(((first, True), len(queue), None))
-                    queue.append((text, _trained_spans(segments)))
+                    queue.append((text, _trained_spans(segments), self._prefix_ids(first, segments)))
             plan.append(items)
         return plan, queues
 
     def content_ids(self, queues: dict[tuple[bool, bool], list]) -> dict[tuple[bool, bool], list]:
-        """Tokenize the queued sections: ids (uniform), or (ids, per-token flags) (mixed)."""
+        """Tokenize the queued sections: ids (uniform), or a list of chunks (mixed).
+
+        A mixed section whose ids begin with the ids of its untrained prefix alone is cut there:
+        those tokens spell exactly the prefix, so none of them holds trained text and the next one
+        starts the response. The others (a token straddles the boundary, or trained and untrained
+        text alternate) are labelled from each token's offsets.
+        """
         done: dict[tuple[bool, bool], list] = {}
         for (first, mixed), queue in queues.items():
             if not mixed:
                 done[(first, mixed)] = self.encode_text(queue, first)
                 continue
-            located = self.encode_located([text for text, _ in queue], first)
-            done[(first, mixed)] = [
-                (ids, _flags(starts, ends, spans))
-                for (ids, starts, ends), (_, spans) in zip(located, queue, strict=True)
-            ]
+            results: list[Any] = []
+            straddling: list[int] = []
+            for k, ids in enumerate(self.encode_text([text for text, _, _ in queue], first)):
+                prefix = queue[k][2]
+                if prefix is not None and ids[: len(prefix)] == prefix:
+                    results.append([(ids[: len(prefix)], False), (ids[len(prefix) :], True)])
+                else:
+                    results.append(None)
+                    straddling.append(k)
+            located = self.encode_located([queue[k][0] for k in straddling], first)
+            for k, (ids, starts, ends) in zip(straddling, located, strict=True):
+                results[k] = [(ids, _flags(starts, ends, queue[k][1]))]
+            done[(first, mixed)] = results
         return done
 
     @staticmethod
@@ -211,11 +227,21 @@ class PieceTokenizer:
             for item in items:
                 if len(item) == 3:
                     result = done[item[0]][item[1]]
-                    chunks.append(result if item[2] is None else (result, item[2]))
+                    if item[2] is None:
+                        chunks += result
+                    else:
+                        chunks.append((result, item[2]))
                 else:
                     chunks.append(item)
             rows.append(chunks)
         return rows
+
+    def _prefix_ids(self, first: bool, segments: list[Segment]) -> list[int] | None:
+        """Ids of the untrained template text that opens the section, when all after it is trained."""
+        k = next(i for i, (_, _, trained) in enumerate(segments) if trained)
+        if any(content for _, content, _ in segments[:k]) or not all(t for _, _, t in segments[k:]):
+            return None
+        return self._template_section(first, segments[:k])[0]
 
     def _template_section(self, first: bool, segments: list[Segment]) -> Chunk:
         """A section of template text only: the same in every row of a template, memoized."""
