@@ -269,3 +269,30 @@ def test_preview_shows_text_as_the_tokenizer_decodes_it(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "⟨<|im_start|>⟩assistant\n[[Hello there: 你好 (ni hao)⟨<|im_end|>⟩]]" in out
     assert "Say hello in Chinese⟨<|im_end|>⟩" in out and "\ufffd" not in out
+
+
+@pytest.mark.parametrize("strip", ["lstrip", "rstrip"])
+def test_special_tokens_that_take_the_whitespace_beside_them(strip):
+    """Phi-3's tokenizer marks `<|end|>` (and others) rstrip: the tokenizer's split takes the
+    whitespace after it into the token; training splits the template text the same way."""
+    from tokenizers import AddedToken
+
+    from exemplar.data.tokenizer import prepare_tokenizer
+
+    tok = trained_tokenizer("bytelevel")
+    tok.add_special_tokens(
+        {"extra_special_tokens": [AddedToken("<|end|>", special=True, **{strip: True})]},
+        replace_extra_special_tokens=False,
+    )
+    bundle = prepare_tokenizer(tok, "phi3")
+    masker = ChatMasker(bundle.template, bundle.variables, bundle.special_tokens)
+    encoder = Encoder(bundle.tokenizer, masker, max_length=1000)
+    for conv in CONVERSATIONS:
+        ids, labels = encode(encoder, conv)
+        assert ids == inference_ids(bundle.tokenizer, conv)
+        if strip == "lstrip" and any(m.content != m.content.rstrip() for m in conv.messages):
+            continue  # the stop token took the reply's last spaces: the run does not spell them
+        rendered = masker.render([m.to_template_dict() for m in conv.messages])
+        assert_runs_are_the_responses(
+            bundle.tokenizer, ids, labels, rendered, response_regions(encoder, conv, rendered)
+        )

@@ -61,16 +61,13 @@ class PieceTokenizer:
         added = backend.get_added_tokens_decoder()
         special = sorted((t for t in added.values() if t.special), key=lambda t: len(t.content), reverse=True)
         self._special_ids = {t.content: backend.token_to_id(t.content) for t in special}
-        # The added-token split of the tokenizer (leftmost-longest match; lstrip/rstrip take the
-        # whitespace beside the token into it). Only special tokens: the plain-text views split
-        # at the others themselves, as inference does.
-        patterns = [
-            ("\\s*" if t.lstrip else "") + re.escape(t.content) + ("\\s*" if t.rstrip else "")
-            for t in special
-            if t.content
-        ]
+        # The added-token split of the tokenizer (leftmost-longest match). Only special tokens: the
+        # plain-text views split at the others themselves, as inference does.
+        patterns = [re.escape(t.content) for t in special if t.content]
         self._find_special = re.compile("|".join(patterns)).finditer if patterns else None
-        self._stripping = {t.content for t in special if t.lstrip or t.rstrip}
+        # Tokens that take the whitespace before (lstrip) or after (rstrip) them, as Phi-3's do.
+        self._lstrip = {self._special_ids[t.content] for t in special if t.lstrip}
+        self._rstrip = {self._special_ids[t.content] for t in special if t.rstrip}
 
     # -- views -------------------------------------------------------------------------------
 
@@ -263,23 +260,35 @@ class PieceTokenizer:
     def _sections(self, pieces: list[Piece]) -> list[Any]:
         """The row cut where the template wrote special tokens: (id, trained) for each special
         token, and (first, segments) for each non-empty section between them (`first`: it starts
-        the text)."""
+        the text). The whitespace beside an lstrip/rstrip token goes into the token, message
+        content's too, as the tokenizer's split does."""
         out: list[Any] = []
         segments: list[Segment] = []
         at_start = True
+        eat = False  # after an rstrip token: template whitespace that follows is the token's
         for piece in pieces:
             if piece.content:
-                segments.append((piece.text, True, piece.trained))
+                text = piece.text.lstrip() if eat else piece.text
+                eat = eat and not text
+                if text:
+                    segments.append((text, True, piece.trained))
                 continue
             for part in self._split(piece.text):
                 if isinstance(part, str):
-                    segments.append((part, False, piece.trained))
+                    if eat:
+                        part = part.lstrip()
+                        eat = not part
+                    if part:
+                        segments.append((part, False, piece.trained))
                     continue
+                if part in self._lstrip:
+                    _strip_end(segments)
                 if segments:
                     out.append((at_start, segments))
                     segments = []
                 out.append((part, piece.trained))
                 at_start = False
+                eat = part in self._rstrip
         if segments:
             out.append((at_start, segments))
         return out
@@ -292,10 +301,7 @@ class PieceTokenizer:
             for match in self._find_special(text) if self._find_special else ():
                 if match.start() > at:
                     found.append(text[at : match.start()])
-                token = match.group()
-                if token not in self._special_ids:  # lstrip/rstrip took whitespace with it
-                    token = next(t for t in self._stripping if t in token)
-                found.append(self._special_ids[token])
+                found.append(self._special_ids[match.group()])
                 at = match.end()
             if at < len(text):
                 found.append(text[at:])
@@ -303,6 +309,16 @@ class PieceTokenizer:
                 self._splits.clear()
             self._splits[text] = found
         return found
+
+
+def _strip_end(segments: list[Segment]) -> None:
+    """Drop the whitespace that ends the section (an lstrip token takes it)."""
+    while segments:
+        text, content, trained = segments.pop()
+        text = text.rstrip()
+        if text:
+            segments.append((text, content, trained))
+            return
 
 
 def _trained_spans(segments: list[Segment]) -> list[Span]:
