@@ -296,3 +296,24 @@ def test_special_tokens_that_take_the_whitespace_beside_them(strip):
         assert_runs_are_the_responses(
             bundle.tokenizer, ids, labels, rendered, response_regions(encoder, conv, rendered)
         )
+
+
+def test_a_normalizer_that_strips_the_end_of_each_section():
+    """With a `Strip` normalizer the header alone ("assistant\\n" -> "assistant") is not tokenized
+    as it is at the start of its section: the labels come from the offsets, and the newline after
+    the header stays untrained."""
+    from tokenizers import normalizers
+
+    from exemplar.data.tokenizer import prepare_tokenizer
+
+    tok = trained_tokenizer("bytelevel")
+    tok.backend_tokenizer.normalizer = normalizers.Strip(left=False, right=True)
+    bundle = prepare_tokenizer(tok, "chatml")
+    masker = ChatMasker(bundle.template, bundle.variables, bundle.special_tokens)
+    encoder = Encoder(bundle.tokenizer, masker, max_length=1000)
+    for conv in CONVERSATIONS:
+        ids, labels = encode(encoder, conv)
+        assert ids == inference_ids(bundle.tokenizer, conv)
+        rendered = masker.render([m.to_template_dict() for m in conv.messages])
+        regions = response_regions(encoder, conv, rendered)
+        assert_trained_iff_response(bundle.tokenizer, ids, labels, rendered, regions)

@@ -233,8 +233,16 @@ class PieceTokenizer:
             rows.append(chunks)
         return rows
 
+    @cached_property
+    def _prefix_cut(self) -> bool:
+        """Whether a prefix tokenized alone is normalized as at the start of a longer text: not
+        with a normalizer that strips the end of its text."""
+        return '"Strip"' not in json.dumps(self._components["normalizer"])
+
     def _prefix_ids(self, first: bool, segments: list[Segment]) -> list[int] | None:
         """Ids of the untrained template text that opens the section, when all after it is trained."""
+        if not self._prefix_cut:
+            return None
         k = next(i for i, (_, _, trained) in enumerate(segments) if trained)
         if any(content for _, content, _ in segments[:k]) or not all(t for _, _, t in segments[k:]):
             return None
