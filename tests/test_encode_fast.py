@@ -75,9 +75,9 @@ def test_template_sections_are_memoized_and_content_is_not():
     conv = Conversation([Message("user", "unique user words"), Message("assistant", "unique reply words")])
     first = encoder.encode([conv])[0]
     memo = dict(encoder.pieces._memo)
-    assert memo and not any("unique" in text for _, segments in memo for text, _ in segments)
+    assert memo and not any("unique" in text for _, segments in memo for text, *_ in segments)
     for (_, segments), (ids, _) in memo.items():  # memoized ids are the tokenizer's own
-        text = "".join(text for text, _ in segments)
+        text = "".join(text for text, *_ in segments)
         assert ids == tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
     assert encoder.encode([conv])[0] == first  # a second pass hits the memo, same result
     assert encoder.pieces._memo.keys() == memo.keys()

@@ -56,7 +56,7 @@ class PieceTokenizer:
     def __init__(self, backend: Tokenizer):
         self._source = backend.to_str()
         self._components = _components(backend)
-        self._memo: dict[tuple[bool, tuple[tuple[str, bool], ...]], Chunk] = {}
+        self._memo: dict[tuple[bool, tuple[Segment, ...]], Chunk] = {}
         self._splits: dict[str, list[str | int]] = {}  # template text -> its text and special ids
         added = backend.get_added_tokens_decoder()
         special = sorted((t for t in added.values() if t.special), key=lambda t: len(t.content), reverse=True)
@@ -250,7 +250,7 @@ class PieceTokenizer:
 
     def _template_section(self, first: bool, segments: list[Segment]) -> Chunk:
         """A section of template text only: the same in every row of a template, memoized."""
-        key = (first, tuple((text, trained) for text, _, trained in segments))
+        key = (first, tuple(segments))
         found = self._memo.get(key)
         if found is None:
             flags = {trained for _, _, trained in segments}
