@@ -42,7 +42,7 @@ def main() -> None:
     tokenizer = prepare_tokenizer(
         AutoTokenizer.from_pretrained(str(common.LLAMA2_TOKENIZER)), "chatml"
     ).tokenizer
-    view, normalize, words = PieceTokenizer(tokenizer.backend_tokenizer)._cont_text
+    view, normalize, words = PieceTokenizer(tokenizer.backend_tokenizer)._later_text
     if words is None or normalize is None:
         raise SystemExit("this tokenizer does not use the word cache")
     gc.disable()  # as during data preparation

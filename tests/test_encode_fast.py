@@ -70,15 +70,15 @@ def test_template_errors_keep_their_message():
         assert columns.details == {1: expected[1].detail}
 
 
-def test_template_pieces_are_memoized_and_content_is_not():
+def test_template_sections_are_memoized_and_content_is_not():
     tokenizer, encoder = _encoder()
     conv = Conversation([Message("user", "unique user words"), Message("assistant", "unique reply words")])
     first = encoder.encode([conv])[0]
     memo = dict(encoder.pieces._memo)
-    assert memo and not any("unique" in text for _, text in memo)
-    for (first_piece, text), ids in memo.items():  # memoized ids are the tokenizer's own
-        view = encoder.pieces.first if first_piece else encoder.pieces.cont
-        assert ids == view.encode(text, add_special_tokens=False).ids
+    assert memo and not any("unique" in text for _, segments in memo for text, *_ in segments)
+    for (_, segments), (ids, _) in memo.items():  # memoized ids are the tokenizer's own
+        text = "".join(text for text, *_ in segments)
+        assert ids == tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
     assert encoder.encode([conv])[0] == first  # a second pass hits the memo, same result
     assert encoder.pieces._memo.keys() == memo.keys()
 
@@ -87,7 +87,8 @@ def test_memo_is_bounded(monkeypatch):
     _, encoder = _encoder()
     monkeypatch.setattr(encoder.pieces, "MEMO_LIMIT", 3)
     for i in range(10):
-        assert encoder.pieces.template_ids(f"<|im_start|>role{i}\n", True)
+        rows = encoder.pieces.encode_rows([[Piece(f"<|im_start|>role{i}\n", content=False, trained=False)]])
+        assert rows[0][1][0]  # the section after <|im_start|> has ids
         assert len(encoder.pieces._memo) <= 3
 
 
@@ -170,7 +171,7 @@ def test_plain_text_views_match_the_tokenizer(kind):
 
     from tokenizers import Tokenizer
 
-    from exemplar.data.pieces import PieceTokenizer, _without_prefix_space
+    from exemplar.data.pieces import PieceTokenizer, _later_sections
     from tests.tokenizers_util import llama2_tokenizer
 
     tok = llama2_tokenizer() if kind == "llama2" else trained_tokenizer(kind)
@@ -179,35 +180,38 @@ def test_plain_text_views_match_the_tokenizer(kind):
     bundle = prepare_tokenizer(tok, "chatml")  # adds the ChatML tokens, as training does
     source = bundle.tokenizer.backend_tokenizer.to_str()
     pieces = PieceTokenizer(bundle.tokenizer.backend_tokenizer)
-    for first, tree in ((True, json.loads(source)), (False, _without_prefix_space(json.loads(source)))):
+    for first, tree in ((True, json.loads(source)), (False, _later_sections(json.loads(source)))):
         reference = Tokenizer.from_str(json.dumps(tree))
         reference.encode_special_tokens = True
         expected = [e.ids for e in reference.encode_batch(CORPUS, add_special_tokens=False)]
         assert pieces.encode_text(CORPUS, first) == expected
     if kind != "bytelevel":  # string Replace (and Prepend), or a Metaspace that does not split: in Python
-        assert pieces._cont_text[1] is not None
+        assert pieces._later_text[1] is not None
     # No pre-tokenizer left and no token across a word start: tokenized word by word from a cache.
-    assert (pieces._cont_text[2] is not None) == (kind in ("llama2", "sentencepiece", "metaspace_first"))
-    if pieces._cont_text[2] is not None:  # again, every word now from the cache
+    assert (pieces._later_text[2] is not None) == (kind in ("llama2", "sentencepiece", "metaspace_first"))
+    if pieces._later_text[2] is not None:  # again, every word now from the cache
         assert pieces.encode_text(CORPUS, False) == expected
 
 
-@pytest.mark.parametrize("kind", ["metaspace", "metaspace_first"])
+@pytest.mark.parametrize("kind", ["metaspace", "metaspace_first", "bytelevel"])
 @given(text=st.text(max_size=60))
 def test_plain_text_views_match_on_any_text(kind, text):
     import json
 
     from tokenizers import Tokenizer
 
-    from exemplar.data.pieces import _without_prefix_space
+    from exemplar.data.pieces import _later_sections
 
     bundle = prepare_tokenizer(trained_tokenizer(kind), "chatml")
     source = bundle.tokenizer.backend_tokenizer.to_str()
     pieces = _metaspace_pieces(source)
-    for first, tree in ((True, json.loads(source)), (False, _without_prefix_space(json.loads(source)))):
+    for first, tree in ((True, json.loads(source)), (False, _later_sections(json.loads(source)))):
         reference = Tokenizer.from_str(json.dumps(tree))
         reference.encode_special_tokens = True
-        assert pieces.encode_text([text], first) == [reference.encode(text, add_special_tokens=False).ids]
+        encoding = reference.encode(text, add_special_tokens=False)
+        assert pieces.encode_text([text], first) == [encoding.ids]
+        starts, ends = [s for s, _ in encoding.offsets], [e for _, e in encoding.offsets]
+        assert pieces.encode_located([text], first) == [(encoding.ids, starts, ends)]
 
 
 # Text where word boundaries are tricky: runs of spaces and of "▁", newlines, tabs, and words
@@ -228,7 +232,7 @@ def test_word_by_word_bpe_gives_the_whole_text_ids(kind, texts):
 
     from tokenizers import Tokenizer
 
-    from exemplar.data.pieces import _without_prefix_space
+    from exemplar.data.pieces import _later_sections
     from tests.tokenizers_util import llama2_tokenizer
 
     tok = llama2_tokenizer() if kind == "llama2" else trained_tokenizer(kind)
@@ -237,12 +241,15 @@ def test_word_by_word_bpe_gives_the_whole_text_ids(kind, texts):
     bundle = prepare_tokenizer(tok, "chatml")
     source = bundle.tokenizer.backend_tokenizer.to_str()
     pieces = _metaspace_pieces(source)
-    for first, tree in ((True, json.loads(source)), (False, _without_prefix_space(json.loads(source)))):
-        assert (pieces._first_text if first else pieces._cont_text)[2] is not None
+    for first, tree in ((True, json.loads(source)), (False, _later_sections(json.loads(source)))):
+        assert (pieces._first_text if first else pieces._later_text)[2] is not None
         reference = Tokenizer.from_str(json.dumps(tree))
         reference.encode_special_tokens = True
-        expected = [e.ids for e in reference.encode_batch(texts, add_special_tokens=False)]
-        assert pieces.encode_text(texts, first) == expected
+        encodings = reference.encode_batch(texts, add_special_tokens=False)
+        assert pieces.encode_text(texts, first) == [e.ids for e in encodings]
+        # and each token's place in the text, as the Rust normalizer aligns it
+        located = [(e.ids, [s for s, _ in e.offsets], [t for _, t in e.offsets]) for e in encodings]
+        assert pieces.encode_located(texts, first) == located
 
 
 def test_no_word_cache_when_a_token_crosses_a_word_start():
@@ -256,7 +263,7 @@ def test_no_word_cache_when_a_token_crosses_a_word_start():
     backend = Tokenizer(models.BPE(vocab, [("a", "▁"), ("▁", "b")], unk_token="<unk>"))
     backend.normalizer = normalizers.Replace(" ", "▁")
     pieces = PieceTokenizer(backend)
-    assert pieces._cont_text[2] is None
+    assert pieces._later_text[2] is None
     assert pieces.encode_text(["a b"], False) == [[4, 2]]
     # What the cut would have given:
     backend.normalizer = None

@@ -17,6 +17,7 @@ from exemplar.data.schema import IGNORE_INDEX, Conversation, Message
 from exemplar.data.templates import BUILTIN_NAMES
 from exemplar.data.tokenizer import prepare_tokenizer
 from tests.conftest import ASSET_TOKENIZER_DIR, shared_data_dir
+from tests.masks_util import assert_runs_are_the_responses, response_regions
 from tests.tokenizers_util import llama2_tokenizer, trained_tokenizer
 
 SHARED_TEMPLATES = ["alpaca", "chatml", "llama-3-instruct", "mistral-instruct", "zephyr"]
@@ -121,9 +122,11 @@ TRICKY = Conversation(
 def test_trained_spans_are_exactly_the_assistant_texts_and_stop_tokens(template, kind):
     tokenizer, encoder = setup(template, kind)
     result = encode_one(encoder, TRICKY)
-    assert trained_spans(tokenizer, result.input_ids, result.labels) == expected_spans(
-        template, TRICKY, tokenizer
-    )
+    rendered = encoder.masker.render([m.to_template_dict() for m in TRICKY.messages])
+    regions = response_regions(encoder, TRICKY, rendered)
+    assert [rendered[a:b] for a, b in regions] == expected_spans(template, TRICKY, tokenizer)
+    # Tokens are those of inference, so a token may straddle the start of a response.
+    assert_runs_are_the_responses(tokenizer, result.input_ids, result.labels, rendered, regions)
     assert result.turns_without_stop == 0
 
 
@@ -135,10 +138,19 @@ def test_the_whole_sequence_decodes_to_the_rendered_text(template, kind):
     tokenizer, encoder = setup(template, kind)
     result = encode_one(encoder, TRICKY)
     rendered = encoder.masker.render([m.to_template_dict() for m in TRICKY.messages])
-    assert (
-        tokenizer.decode(result.input_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        == rendered
-    )
+    # The tokenizer prefixes each section between special tokens (as at inference) and its
+    # decoder strips that prefix from the text it decodes: decode section by section.
+    specials = set(tokenizer.all_special_ids)
+    sections = [[]]
+    for token in result.input_ids:
+        if token in specials:
+            sections += [[token], []]
+        else:
+            sections[-1].append(token)
+    decoded = [
+        tokenizer.decode(s, skip_special_tokens=False, clean_up_tokenization_spaces=False) for s in sections
+    ]
+    assert "".join(decoded) == rendered
 
 
 @pytest.mark.parametrize("kind", [k for k in TOKENIZERS if k != "asset"])  # the asset one has no bos
@@ -249,9 +261,13 @@ def test_template_without_stop_token_is_reported(tmp_path, kind):
     assert encoder.masker.stop_token is None
     result = encode_one(encoder, TRICKY)
     assert result.turns_without_stop == 3
-    assert trained_spans(tokenizer, result.input_ids, result.labels) == [
+    rendered = encoder.masker.render([m.to_template_dict() for m in TRICKY.messages])
+    regions = response_regions(encoder, TRICKY, rendered)
+    assert [rendered[a:b] for a, b in regions] == [
         m.content for m in TRICKY.messages if m.role == "assistant"
     ]
+    # "assistant: def": a token may straddle the start of the reply (it is what inference sees).
+    assert_runs_are_the_responses(tokenizer, result.input_ids, result.labels, rendered, regions)
 
 
 def _ids(encoder, conv):
@@ -299,9 +315,11 @@ def conversations(draw):
 def test_property_random_conversations(template, kind, conv):
     tokenizer, encoder = _cached_setup(template, kind)
     result = encode_one(encoder, conv)
-    assert trained_spans(tokenizer, result.input_ids, result.labels) == expected_spans(
-        template, conv, tokenizer
-    )
+    rendered = encoder.masker.render([m.to_template_dict() for m in conv.messages])
+    regions = response_regions(encoder, conv, rendered)
+    assert [rendered[a:b] for a, b in regions] == expected_spans(template, conv, tokenizer)
+    # Tokens are those of inference, so a token may straddle the start of a response.
+    assert_runs_are_the_responses(tokenizer, result.input_ids, result.labels, rendered, regions)
 
 
 _SETUPS: dict = {}
@@ -315,8 +333,19 @@ def _cached_setup(template, kind):
 
 @pytest.mark.parametrize("template", ALL_TEMPLATES)
 def test_generation_prompt_is_the_training_prefix(template, kind):
-    """The prompt a generation sees is token for token what training put before the reply."""
+    """The prompt a generation sees is what inference tokenizes (the text before the reply), and,
+    unless a token straddles the start of the reply, token for token what training put before it."""
     tokenizer, encoder = setup(template, kind)
     ids, labels = _ids(encoder, TRICKY)
     first_reply = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
-    assert encoder.encode_prompt([m.to_template_dict() for m in TRICKY.messages[:2]]) == ids[:first_reply]
+    messages = [m.to_template_dict() for m in TRICKY.messages[:2]]
+    prompt = encoder.encode_prompt(messages)
+    prompt_text = "".join(p.text for p in encoder.masker.prompt_pieces(messages))
+    assert prompt == tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    rendered = encoder.masker.render([m.to_template_dict() for m in TRICKY.messages])
+    reply_start = response_regions(encoder, TRICKY, rendered)[0][0]
+    offsets = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    if offsets[first_reply][0] >= reply_start:  # no straddling token
+        assert prompt == ids[:first_reply]
+    else:
+        assert prompt[: first_reply - 1] == ids[: first_reply - 1]

@@ -1,9 +1,10 @@
 """Turn canonical examples into `input_ids` and `labels`, in batches, with the length policy.
 
 Each rendered conversation arrives as pieces (see `masking.py`); `pieces.PieceTokenizer`
-tokenizes them (each piece on its own, message content as plain text). This module joins the
-pieces' ids into examples, sets the labels, and applies truncation or dropping, with array
-operations over a whole batch at a time.
+tokenizes them as the inference stack tokenizes the rendered text (section by section between the
+template's special tokens, message content as plain text), with a trained flag per token. This
+module joins each row's chunks into examples, sets the labels, and applies truncation or dropping,
+with array operations over a whole batch at a time.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from exemplar.data.masking import ChatMasker, Piece
-from exemplar.data.pieces import PieceTokenizer
+from exemplar.data.pieces import Chunk, PieceTokenizer
 from exemplar.data.schema import IGNORE_INDEX, Conversation, Example, TextDocument, TokenizedExample
 from exemplar.errors import TemplateError
 
@@ -90,9 +91,9 @@ class Encoder:
 
     # -- one batch: render, then tokenize ---------------------------------------------------
 
-    def _render(self, examples: Sequence[Example]) -> tuple[list[Any], list[list[Piece]], Any]:
-        """Render every example into pieces. Returns per-example slots, the rows of pieces, and
-        the tokenizer plan (template ids resolved, content queued)."""
+    def _render(self, examples: Sequence[Example]) -> tuple[list[Any], Any]:
+        """Render every example into pieces. Returns per-example slots and the tokenizer plan of
+        the rows (sections without content resolved, the others queued)."""
         rows: list[list[Piece]] = []
         slots: list[Any] = []  # per example: (row index, turns_without_stop) or a finished Encoded
         for ex in examples:
@@ -114,12 +115,12 @@ class Encoder:
                 slots.append(Encoded(list(ex.input_ids), list(labels)))
             else:
                 raise TypeError(f"not an example: {type(ex).__name__}")
-        return slots, rows, self.pieces.plan(rows)
+        return slots, self.pieces.plan(rows)
 
     def _batches(
         self, examples: Iterable[Example]
-    ) -> Iterator[tuple[Sequence[Example], list[Any], list[list[Piece]], list[list[list[int]]]]]:
-        """(examples, slots, rows, piece ids) per batch of ENCODE_BATCH examples. The tokenizer
+    ) -> Iterator[tuple[Sequence[Example], list[Any], list[list[Chunk]]]]:
+        """(examples, slots, each row's chunks) per batch of ENCODE_BATCH examples. The tokenizer
         (which releases the GIL and runs on every core) works on one batch while Python reads,
         converts and renders the next (`examples` may be a lazy iterator)."""
         source = iter(examples)
@@ -133,44 +134,42 @@ class Encoder:
         # Python (that holds the GIL: a second thread would only take turns with this one).
         if second is None or not self.pieces.releases_gil:
             for chunk in batches:
-                slots, rows, (plan, first_texts, cont_texts) = self._render(chunk)
-                ids = self.pieces.resolve(plan, *self.pieces.content_ids(first_texts, cont_texts))
-                yield chunk, slots, rows, ids
+                slots, (plan, queues) = self._render(chunk)
+                yield chunk, slots, self.pieces.resolve(plan, self.pieces.content_ids(queues))
             return
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = None
             for chunk in batches:
-                slots, rows, (plan, first_texts, cont_texts) = self._render(chunk)
-                job = (
-                    chunk,
-                    slots,
-                    rows,
-                    plan,
-                    pool.submit(self.pieces.content_ids, first_texts, cont_texts),
-                )
+                slots, (plan, queues) = self._render(chunk)
+                job = (chunk, slots, plan, pool.submit(self.pieces.content_ids, queues))
                 if pending is not None:
                     yield self._finish_batch(pending)
                 pending = job
             yield self._finish_batch(pending)
 
     def _finish_batch(self, job):
-        chunk, slots, rows, plan, future = job
-        return chunk, slots, rows, self.pieces.resolve(plan, *future.result())
+        chunk, slots, plan, future = job
+        return chunk, slots, self.pieces.resolve(plan, future.result())
 
     # -- public -----------------------------------------------------------------------------
 
     def encode(self, examples: list[Example]) -> list[Encoded]:
         results = []
-        for chunk, slots, rows, ids in self._batches(examples):
+        for chunk, slots, rows in self._batches(examples):
             for ex, slot in zip(chunk, slots, strict=True):
                 if isinstance(slot, Encoded):
                     results.append(slot if slot.drop_reason else self.finish(slot.input_ids, slot.labels))
                     continue
                 row, no_stop = slot
                 input_ids, labels = [], []
-                for piece, piece_ids in zip(rows[row], ids[row], strict=True):
-                    input_ids += piece_ids
-                    labels += piece_ids if piece.trained else [IGNORE_INDEX] * len(piece_ids)
+                for chunk_ids, trained in rows[row]:
+                    input_ids += chunk_ids
+                    if trained is True:
+                        labels += chunk_ids
+                    elif trained is False:
+                        labels += [IGNORE_INDEX] * len(chunk_ids)
+                    else:
+                        labels += [t if f else IGNORE_INDEX for t, f in zip(chunk_ids, trained, strict=True)]
                 if isinstance(ex, TextDocument):
                     input_ids, labels = self._document_ends(input_ids, labels)
                 result = self.finish(input_ids, labels)
@@ -183,7 +182,7 @@ class Encoder:
     ) -> EncodedColumns:
         """Like `encode`, straight into flat int32 columns (no per-example lists kept).
 
-        Each batch's pieces are flattened into one array, and the labels, lengths, drops and
+        Each batch's chunks are flattened into one array, and the labels, lengths, drops and
         truncation are computed with array operations. `on_batch(n)` is called after each batch
         of n examples (a progress bar's update)."""
         ids_parts, labels_parts, lengths_parts, kept_parts = [], [], [], []
@@ -191,11 +190,11 @@ class Encoder:
         details: dict[int, str] = {}
         no_stop_total = 0
         base = 0
-        for chunk, slots, rows, ids in self._batches(examples):
-            flat: list[Sequence[int]] = []  # every piece of every example, in order
-            trained: list[bool] = []  # per piece: labels = ids (True) or IGNORE_INDEX (False)
-            explicit: dict[int, Sequence[int]] = {}  # piece index -> its labels (pre-tokenized rows)
-            counts: list[int] = []  # pieces per example
+        for chunk, slots, rows in self._batches(examples):
+            flat: list[Sequence[int]] = []  # every chunk of every example, in order
+            trained: list[Any] = []  # per chunk: True, False, or a flag per token
+            explicit: dict[int, Sequence[int]] = {}  # chunk index -> its labels (pre-tokenized rows)
+            counts: list[int] = []  # chunks per example
             for ex, slot in zip(chunk, slots, strict=True):
                 before = len(flat)
                 if isinstance(slot, Encoded):
@@ -213,8 +212,9 @@ class Encoder:
                 if document and self.adds_bos:
                     flat.append((self.bos_id,))
                     trained.append(False)
-                flat.extend(ids[row])
-                trained.extend(piece.trained for piece in rows[row])
+                for chunk_ids, chunk_trained in rows[row]:
+                    flat.append(chunk_ids)
+                    trained.append(chunk_trained)
                 if document and self.eos_id is not None:
                     flat.append((self.eos_id,))
                     trained.append(True)
@@ -244,23 +244,27 @@ class Encoder:
         piece_lengths = np.fromiter(map(len, flat), dtype=np.int64, count=len(flat))
         total = int(piece_lengths.sum())
         ids = np.fromiter(itertools.chain.from_iterable(flat), dtype=np.int32, count=total)
-        flags = np.asarray(trained, dtype=bool)
-        labels = np.where(np.repeat(flags, piece_lengths), ids, np.int32(IGNORE_INDEX)).astype(
-            np.int32, copy=False
-        )
-        piece_trained = np.where(flags, piece_lengths, 0)  # trained tokens per piece
+        if all(type(flag) is bool for flag in trained):
+            mask = np.repeat(np.asarray(trained, dtype=bool), piece_lengths)
+        else:  # some chunks carry a flag per token
+            per_token = (
+                itertools.repeat(flag, n) if type(flag) is bool else flag
+                for flag, n in zip(trained, piece_lengths.tolist(), strict=True)
+            )
+            mask = np.fromiter(itertools.chain.from_iterable(per_token), dtype=bool, count=total)
+        labels = np.where(mask, ids, np.int32(IGNORE_INDEX)).astype(np.int32, copy=False)
         if explicit:  # pre-tokenized examples bring their own labels
             piece_starts = np.cumsum(piece_lengths) - piece_lengths
             for p, piece_labels in explicit.items():
                 start = int(piece_starts[p])
                 labels[start : start + len(piece_labels)] = piece_labels
-                piece_trained[p] = int(
-                    np.count_nonzero(labels[start : start + len(piece_labels)] != IGNORE_INDEX)
-                )
-        # Per example (prefix sums over pieces: empty examples need no special case).
+            mask = labels != IGNORE_INDEX
+        # Per example (prefix sums over chunks and tokens: empty examples need no special case).
         piece_bounds = np.concatenate([np.zeros(1, np.int64), np.cumsum(np.asarray(counts, dtype=np.int64))])
         token_bounds = np.concatenate([np.zeros(1, np.int64), np.cumsum(piece_lengths)])[piece_bounds]
-        trained_bounds = np.concatenate([np.zeros(1, np.int64), np.cumsum(piece_trained)])[piece_bounds]
+        trained_bounds = np.concatenate([np.zeros(1, np.int64), np.cumsum(mask, dtype=np.int64)])[
+            token_bounds
+        ]
         starts, lengths = token_bounds[:-1], np.diff(token_bounds)
         trained_after_first = np.diff(trained_bounds)
         if total:  # a trained label at position 0 has no preceding token to predict it from
@@ -300,11 +304,12 @@ class Encoder:
 
     def encode_prompt(self, messages: list[dict[str, Any]], tools: Any = None) -> list[int]:
         """Token ids of a prompt for generation: the conversation so far and the assistant's
-        header, tokenized piece by piece exactly as the same text is tokenized in training."""
+        header, tokenized as training tokenizes the same text (as inference does, with
+        special-token strings in message content kept as text)."""
         if self.masker is None:
             raise TemplateError("prompts need a chat template")
         pieces = self.masker.prompt_pieces(messages, tools)
-        return [token for piece_ids in self.pieces.encode_rows([pieces])[0] for token in piece_ids]
+        return [token for chunk_ids, _ in self.pieces.encode_rows([pieces])[0] for token in chunk_ids]
 
     def _document_ends(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         """Plain text gets the tokenizer's BOS (if it normally adds one) and a trained EOS."""

@@ -84,37 +84,60 @@ def use_colour(stream: TextIO) -> bool:
 
 
 def render_preview(item: PreviewItem, tokenizer: Any, colour: bool) -> str:
-    """Tokens as text: trained ones highlighted (or wrapped in [[ ]] without colour), special
-    tokens marked, token boundaries shown with a thin separator in colour mode."""
+    """The example as text: trained runs highlighted (or wrapped in [[ ]] without colour), special
+    tokens marked. Text is shown as the tokenizer decodes the whole sequence, cut at the mask and
+    special-token boundaries, so spaces and multi-byte characters stay whole (a SentencePiece
+    token decoded alone loses its space, a character split over byte tokens shows as U+FFFD)."""
     specials = set(tokenizer.all_special_ids)
     trained = [label != IGNORE_INDEX for label in item.labels]
     head = f"── example {item.index} ({item.source.file}, {item.source.location})"
     head += f" · {len(item.input_ids)} tokens, {sum(trained)} trained"
     if item.dropped:
         head += f" · DROPPED: {item.dropped}"
-    parts: list[str] = []
-    for run_trained, run in _runs(item.input_ids, trained):
-        text = "".join(_token_text(tokenizer, t, t in specials, colour) for t in run)
+    kinds = [(flag, token in specials) for token, flag in zip(item.input_ids, trained, strict=True)]
+    bounds = list(_runs(kinds))
+    texts = _decoded(tokenizer, item.input_ids, [(a, b) for _, a, b in bounds])
+    parts: list[tuple[bool, str]] = []
+    for ((run_trained, special), a, b), text in zip(bounds, texts, strict=True):
+        if special:
+            text = "".join(_special_text(tokenizer, t, colour) for t in item.input_ids[a:b])
         if colour:
-            parts.append((_TRAINED if run_trained else _MASKED) + text + _RESET)
-        else:
-            parts.append(f"[[{text}]]" if run_trained else text)
-    return head + "\n" + "".join(parts) + "\n"
+            text = (_TRAINED if run_trained else _MASKED) + text + _RESET
+        if not colour and run_trained and (not parts or not parts[-1][0]):
+            text = "[[" + text
+        parts.append((run_trained, text))
+        if not colour and run_trained and (b == len(item.input_ids) or not kinds[b][0]):
+            parts[-1] = (run_trained, parts[-1][1] + "]]")
+    return head + "\n" + "".join(text for _, text in parts) + "\n"
 
 
-def _runs(ids: list[int], flags: list[bool]) -> Iterator[tuple[bool, list[int]]]:
+def _runs(kinds: list[tuple[bool, bool]]) -> Iterator[tuple[tuple[bool, bool], int, int]]:
+    """Maximal runs of tokens of one kind (trained?, special?); each special token alone."""
     start = 0
-    for i in range(1, len(ids) + 1):
-        if i == len(ids) or flags[i] != flags[start]:
-            yield flags[start], ids[start:i]
+    for i in range(1, len(kinds) + 1):
+        if i == len(kinds) or kinds[i] != kinds[start] or kinds[start][1]:
+            yield kinds[start], start, i
             start = i
 
 
-def _token_text(tokenizer: Any, token_id: int, special: bool, colour: bool) -> str:
-    text = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    if special:
-        return f"{_SPECIAL}{text}{_RESET}" if colour else f"⟨{text}⟩"
-    return text
+def _decoded(tokenizer: Any, ids: list[int], bounds: list[tuple[int, int]]) -> list[str]:
+    """The text of each ids[a:b] (consecutive runs) as it stands in the decoded whole sequence."""
+
+    def decode(part: list[int]) -> str:
+        return tokenizer.decode(part, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    texts, before = [], ""
+    for a, b in bounds:
+        upto = decode(ids[:b])
+        # A decoder may rewrite what it already gave once more tokens follow; then the run alone.
+        texts.append(upto[len(before) :] if upto.startswith(before) else decode(ids[a:b]))
+        before = upto
+    return texts
+
+
+def _special_text(tokenizer: Any, token_id: int, colour: bool) -> str:
+    text = tokenizer.convert_ids_to_tokens(token_id)
+    return f"{_SPECIAL}{text}{_RESET}" if colour else f"⟨{text}⟩"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,16 +1,27 @@
-"""Tokenizing the pieces of a rendered conversation: four views of one tokenizer.
+"""Tokenizing rendered conversations exactly as the inference stack does.
 
-Every piece is tokenized on its own, so a token never straddles a trained/untrained boundary, and
-message content is tokenized with special-token parsing switched off: a user who types
-`<|im_end|>` gets plain text tokens, never a forged turn boundary. Pieces after the first are
-tokenized as a continuation (no SentencePiece prefix space, no byte-level leading space), so the
-ids of a conversation are what a single tokenization of the same text would give wherever the
-pieces meet at a token boundary. We work on the `tokenizers` backend through its public JSON
-serialisation because transformers offers no per-call switch for either behaviour.
+`tokenizer.apply_chat_template(conv, tokenize=True)` (transformers, vLLM, TRL) tokenizes the
+rendered text in one call: the tokenizer first cuts it at its added tokens, then normalizes,
+pre-tokenizes and BPE-encodes each section between them on its own. A SentencePiece "always"
+prefix, a `Prepend` normalizer, a `\\A` rewrite or a byte-level prefix space applies to every
+section; a Metaspace "first" prefix only to the section at the start of the text. We build the
+same sections from the rendered text, with one difference: the text is cut only at special tokens
+that the template wrote, never at special-token strings inside message content (a user who types
+`<|im_end|>` gets plain text tokens, never a forged turn boundary). Each section is then tokenized
+with special-token parsing off, so within a section tokens may straddle template text and content
+(`User: What` -> `▁What`), exactly as at inference. A token is trained when its characters
+overlap a trained region (see masking.py): a token holding the first characters of the response
+is what the model must generate.
+
+Sections with no message content (template text between two special tokens) repeat in every row
+and are memoized; sections with content are tokenized in one batched call per view. We work on
+the `tokenizers` backend through its public JSON serialisation because transformers offers no
+per-call switch for special-token parsing or the "first" prefix.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 import re
@@ -21,17 +32,23 @@ from tokenizers import Tokenizer, models
 
 from exemplar.data.masking import Piece
 
+# A row's tokens, in chunks: (ids, trained) where trained is one flag for the whole chunk or one
+# flag per token (a section where trained and untrained text meet).
+Chunk = tuple[list[int], "bool | list[bool]"]
+Segment = tuple[str, bool, bool]  # (text, message content?, trained?) within one section
+Span = tuple[int, int]
+
 
 class PieceTokenizer:
-    """Four views of one tokenizer: {first piece, continuation} x {control tokens, plain text}.
+    """Rows of pieces (masking.py) -> token ids and trained flags, section by section.
 
-    Template text (everything that is not message content) repeats in every row, so its ids are
-    memoized by (view, text); message content is always tokenized. Views are built on first use.
-    When the tokenizer's normalizer only replaces and prepends strings (SentencePiece-style
-    tokenizers: " " -> "▁") and every added token is special, the plain-text views apply it in
-    Python before the call (same text, a fraction of the cost of the Rust normalizer's alignment
-    bookkeeping, which we do not use). Such tokenizers have no pre-tokenizer, so their BPE runs
-    on whole messages; `BpeWords` splits them where no token can cross and caches words.
+    Two plain-text views of one tokenizer (special-token parsing off): for the section at the
+    start of the text, and for later sections (which differ only when a Metaspace prefix is
+    "first"). When the tokenizer's normalizer only replaces characters and prepends strings
+    (SentencePiece conversions: " " -> "▁") and every added token is special, the views apply it
+    in Python before the call (same text, a fraction of the cost of the Rust normalizer's
+    alignment bookkeeping); such tokenizers have no pre-tokenizer, so their BPE runs on whole
+    sections, which `BpeWords` splits where no token can cross and caches word by word.
     """
 
     MEMO_LIMIT = 65536
@@ -39,121 +56,300 @@ class PieceTokenizer:
     def __init__(self, backend: Tokenizer):
         self._source = backend.to_str()
         self._components = _components(backend)
-        self._memo: dict[tuple[bool, str], list[int]] = {}
+        self._memo: dict[tuple[bool, tuple[Segment, ...]], Chunk] = {}
+        self._splits: dict[str, list[str | int]] = {}  # template text -> its text and special ids
+        added = backend.get_added_tokens_decoder()
+        special = sorted((t for t in added.values() if t.special), key=lambda t: len(t.content), reverse=True)
+        self._special_ids = {t.content: backend.token_to_id(t.content) for t in special}
+        # The added-token split of the tokenizer (leftmost-longest match). Only special tokens: the
+        # plain-text views split at the others themselves, as inference does.
+        patterns = [re.escape(t.content) for t in special if t.content]
+        self._find_special = re.compile("|".join(patterns)).finditer if patterns else None
+        # Tokens that take the whitespace before (lstrip) or after (rstrip) them, as Phi-3's do.
+        self._lstrip = {self._special_ids[t.content] for t in special if t.lstrip}
+        self._rstrip = {self._special_ids[t.content] for t in special if t.rstrip}
+
+    # -- views -------------------------------------------------------------------------------
 
     @cached_property
     def _same_views(self) -> bool:
-        """No prefix-space step to switch off: continuation views are the first-piece views."""
-        return _without_prefix_space(self._components) == self._components
+        """No "first"-only prefix: later sections are tokenized like the first one."""
+        return _later_sections(self._components) == self._components
 
-    @cached_property
-    def _cont_tree(self) -> dict[str, Any]:
-        return _without_prefix_space(json.loads(self._source))  # only when the views differ
-
-    def _view(
-        self, first: bool, plain_text: bool
-    ) -> tuple[Tokenizer, _TextNormalizer | None, BpeWords | None]:
+    def _view(self, first: bool) -> tuple[Tokenizer, _TextNormalizer | None, BpeWords | None]:
         if first or self._same_views:
             view, tree = Tokenizer.from_str(self._source), self._components
         else:
-            view, tree = Tokenizer.from_str(json.dumps(self._cont_tree)), self._cont_tree
+            tree = _later_sections(json.loads(self._source))
+            view = Tokenizer.from_str(json.dumps(tree))
         view.no_truncation()  # a tokenizer.json may carry settings meant for whole inputs
         view.no_padding()
-        normalize = _TextNormalizer.of(tree) if plain_text else None
+        view.post_processor = None  # adds nothing without special tokens; would trim offsets
+        normalize = _TextNormalizer.of(tree)
         if normalize is not None and normalize.moves_normalizer:
             view.normalizer = None
         if normalize is not None and normalize.moves_pre_tokenizer:
             view.pre_tokenizer = None
-        view.encode_special_tokens = plain_text
-        words = BpeWords.of(view, normalize) if plain_text else None
-        return view, normalize, words
-
-    @cached_property
-    def first(self) -> Tokenizer:
-        return self._view(True, False)[0]
-
-    @cached_property
-    def cont(self) -> Tokenizer:
-        return self.first if self._same_views else self._view(False, False)[0]
+        view.encode_special_tokens = True
+        return view, normalize, BpeWords.of(view, normalize)
 
     @cached_property
     def _first_text(self) -> tuple[Tokenizer, _TextNormalizer | None, BpeWords | None]:
-        return self._view(True, True)
+        return self._view(True)
 
     @cached_property
-    def _cont_text(self) -> tuple[Tokenizer, _TextNormalizer | None, BpeWords | None]:
-        return self._first_text if self._same_views else self._view(False, True)
+    def _later_text(self) -> tuple[Tokenizer, _TextNormalizer | None, BpeWords | None]:
+        return self._first_text if self._same_views else self._view(False)
 
     @property
     def releases_gil(self) -> bool:
         """Whether content is tokenized in Rust (which runs beside Python threads), not in the
         Python word cache."""
-        return self._first_text[2] is None and self._cont_text[2] is None
+        return self._first_text[2] is None and self._later_text[2] is None
+
+    # -- plain text --------------------------------------------------------------------------
 
     def encode_text(self, texts: list[str], first: bool) -> list[list[int]]:
-        """Ids of message contents (special-token parsing off), first pieces of a row or not."""
+        """Ids of sections of text (special-token parsing off): at the start of the text or not."""
         if not texts:
             return []
-        view, normalize, words = self._first_text if first else self._cont_text
+        view, normalize, words = self._first_text if first else self._later_text
         if normalize is not None:
             texts = [normalize(t) for t in texts]
         if words is not None:
             return words.encode(texts)
         return [e.ids for e in view.encode_batch_fast(texts, add_special_tokens=False)]
 
-    def template_ids(self, text: str, first: bool) -> list[int]:
-        """Ids of a piece of template text (special tokens parsed), memoized."""
-        key = (first, text)
-        ids = self._memo.get(key)
-        if ids is None:
-            view = self.first if first else self.cont
-            ids = view.encode(text, add_special_tokens=False).ids
-            if len(self._memo) >= self.MEMO_LIMIT:
-                self._memo.clear()
-            self._memo[key] = ids
-        return ids
+    def encode_located(self, texts: list[str], first: bool) -> list[tuple[list[int], list[int], list[int]]]:
+        """Like `encode_text`, with each token's start and end (characters of the given text)."""
+        if not texts:
+            return []
+        view, normalize, words = self._first_text if first else self._later_text
+        normalized = [normalize(t) for t in texts] if normalize is not None else texts
+        if words is not None:
+            found = words.encode_located(normalized)
+        else:
+            found = [
+                (e.ids, [s for s, _ in e.offsets], [t for _, t in e.offsets])
+                for e in view.encode_batch(normalized, add_special_tokens=False)
+            ]
+        if normalize is None:
+            return found
+        # The Python steps only insert text at the start and replace characters one for one, so
+        # a normalized position is the original one moved by what was inserted; inserted text
+        # belongs to the first character, as the Rust normalizer aligns it.
+        out = []
+        for text, norm, (ids, starts, ends) in zip(texts, normalized, found, strict=True):
+            shift, floor = len(norm) - len(text), min(1, len(text))
+            if shift:
+                starts = [max(0, s - shift) for s in starts]
+                ends = [max(e - shift, floor) for e in ends]
+            out.append((ids, starts, ends))
+        return out
 
-    def content_ids(self, first: list[str], cont: list[str]) -> tuple[list[list[int]], list[list[int]]]:
-        """Ids of message contents (special-token parsing off): first pieces of a row, and the others."""
-        return self.encode_text(first, True), self.encode_text(cont, False)
+    # -- rows --------------------------------------------------------------------------------
 
-    def encode_rows(self, rows: list[list[Piece]]) -> list[list[list[int]]]:
-        """Token ids for each piece of each row."""
-        plan, first, cont = self.plan(rows)
-        return self.resolve(plan, *self.content_ids(first, cont))
+    def encode_rows(self, rows: list[list[Piece]]) -> list[list[Chunk]]:
+        """Token ids and trained flags of each row, in chunks."""
+        plan, queues = self.plan(rows)
+        return self.resolve(plan, self.content_ids(queues))
 
-    def plan(self, rows: list[list[Piece]]) -> tuple[list[list[Any]], list[str], list[str]]:
-        """Template pieces resolved now (memo); content pieces queued for one batched call per view.
+    def plan(self, rows: list[list[Piece]]) -> tuple[list[list[Any]], dict[tuple[bool, bool], list]]:
+        """Sections without content resolved now (memo); sections with content queued for one
+        batched call per (view, whether trained and untrained text meet in it).
 
-        Returns, per row, a list whose items are id lists (template pieces) or (first, index) slots
-        into the queued texts (content pieces), and the two queues.
+        Returns, per row, a list whose items are chunks or (queue key, index, trained) slots, and
+        the queues: texts (uniform sections) or (text, trained spans, prefix ids) (mixed ones;
+        prefix ids: those of the untrained template text that opens a section whose rest is
+        trained, the usual shape of an assistant turn, else None).
         """
-        first: list[str] = []
-        cont: list[str] = []
+        queues: dict[tuple[bool, bool], list] = {(f, m): [] for f in (True, False) for m in (True, False)}
         plan = []
         for pieces in rows:
             items: list[Any] = []
-            for p, piece in enumerate(pieces):
-                if piece.content:
-                    queue = first if p == 0 else cont
-                    items.append((queue is first, len(queue)))
-                    queue.append(piece.text)
+            for section in self._sections(pieces):
+                if not isinstance(section[1], list):  # a special token
+                    items.append(([section[0]], section[1]))
+                    continue
+                first, segments = section
+                if not any(content for _, content, _ in segments):
+                    items.append(self._template_section(first, segments))
+                    continue
+                flags = {trained for _, _, trained in segments}
+                text = "".join(t for t, _, _ in segments)
+                if len(flags) == 1:
+                    queue = queues[(first, False)]
+                    items.append(((first, False), len(queue), flags.pop()))
+                    queue.append(text)
                 else:
-                    items.append(self.template_ids(piece.text, p == 0))
+                    queue = queues[(first, True)]
+                    items.append(((first, True), len(queue), None))
+                    queue.append((text, _trained_spans(segments), self._prefix_ids(first, segments)))
             plan.append(items)
-        return plan, first, cont
+        return plan, queues
+
+    def content_ids(self, queues: dict[tuple[bool, bool], list]) -> dict[tuple[bool, bool], list]:
+        """Tokenize the queued sections: ids (uniform), or a list of chunks (mixed).
+
+        A mixed section whose ids begin with the ids of its untrained prefix alone is cut there:
+        those tokens spell exactly the prefix, so none of them holds trained text and the next one
+        starts the response. The others (a token straddles the boundary, or trained and untrained
+        text alternate) are labelled from each token's offsets.
+        """
+        done: dict[tuple[bool, bool], list] = {}
+        for (first, mixed), queue in queues.items():
+            if not mixed:
+                done[(first, mixed)] = self.encode_text(queue, first)
+                continue
+            results: list[Any] = []
+            straddling: list[int] = []
+            for k, ids in enumerate(self.encode_text([text for text, _, _ in queue], first)):
+                prefix = queue[k][2]
+                if prefix is not None and ids[: len(prefix)] == prefix:
+                    results.append([(ids[: len(prefix)], False), (ids[len(prefix) :], True)])
+                else:
+                    results.append(None)
+                    straddling.append(k)
+            located = self.encode_located([queue[k][0] for k in straddling], first)
+            for k, (ids, starts, ends) in zip(straddling, located, strict=True):
+                results[k] = [(ids, _flags(starts, ends, queue[k][1]))]
+            done[(first, mixed)] = results
+        return done
 
     @staticmethod
-    def resolve(
-        plan: list[list[Any]], first_ids: list[list[int]], cont_ids: list[list[int]]
-    ) -> list[list[list[int]]]:
-        return [
-            [
-                (first_ids if item[0] else cont_ids)[item[1]] if isinstance(item, tuple) else item
-                for item in items
-            ]
-            for items in plan
-        ]
+    def resolve(plan: list[list[Any]], done: dict[tuple[bool, bool], list]) -> list[list[Chunk]]:
+        rows = []
+        for items in plan:
+            chunks = []
+            for item in items:
+                if len(item) == 3:
+                    result = done[item[0]][item[1]]
+                    if item[2] is None:
+                        chunks += result
+                    else:
+                        chunks.append((result, item[2]))
+                else:
+                    chunks.append(item)
+            rows.append(chunks)
+        return rows
+
+    @cached_property
+    def _prefix_cut(self) -> bool:
+        """Whether a prefix tokenized alone is normalized as at the start of a longer text: not
+        with a normalizer that strips the end of its text."""
+        return '"Strip"' not in json.dumps(self._components["normalizer"])
+
+    def _prefix_ids(self, first: bool, segments: list[Segment]) -> list[int] | None:
+        """Ids of the untrained template text that opens the section, when all after it is trained."""
+        if not self._prefix_cut:
+            return None
+        k = next(i for i, (_, _, trained) in enumerate(segments) if trained)
+        if any(content for _, content, _ in segments[:k]) or not all(t for _, _, t in segments[k:]):
+            return None
+        return self._template_section(first, segments[:k])[0]
+
+    def _template_section(self, first: bool, segments: list[Segment]) -> Chunk:
+        """A section of template text only: the same in every row of a template, memoized."""
+        key = (first, tuple(segments))
+        found = self._memo.get(key)
+        if found is None:
+            flags = {trained for _, _, trained in segments}
+            text = "".join(t for t, _, _ in segments)
+            if len(flags) == 1:
+                found = (self.encode_text([text], first)[0], flags.pop())
+            else:
+                ids, starts, ends = self.encode_located([text], first)[0]
+                found = (ids, _flags(starts, ends, _trained_spans(segments)))
+            if len(self._memo) >= self.MEMO_LIMIT:
+                self._memo.clear()
+            self._memo[key] = found
+        return found
+
+    def _sections(self, pieces: list[Piece]) -> list[Any]:
+        """The row cut where the template wrote special tokens: (id, trained) for each special
+        token, and (first, segments) for each non-empty section between them (`first`: it starts
+        the text). The whitespace beside an lstrip/rstrip token goes into the token, message
+        content's too, as the tokenizer's split does."""
+        out: list[Any] = []
+        segments: list[Segment] = []
+        at_start = True
+        eat = False  # after an rstrip token: template whitespace that follows is the token's
+        for piece in pieces:
+            if piece.content:
+                text = piece.text.lstrip() if eat else piece.text
+                eat = eat and not text
+                if text:
+                    segments.append((text, True, piece.trained))
+                continue
+            for part in self._split(piece.text):
+                if isinstance(part, str):
+                    if eat:
+                        part = part.lstrip()
+                        eat = not part
+                    if part:
+                        segments.append((part, False, piece.trained))
+                    continue
+                if part in self._lstrip:
+                    _strip_end(segments)
+                if segments:
+                    out.append((at_start, segments))
+                    segments = []
+                out.append((part, piece.trained))
+                at_start = False
+                eat = part in self._rstrip
+        if segments:
+            out.append((at_start, segments))
+        return out
+
+    def _split(self, text: str) -> list[str | int]:
+        """Template text as its text parts and the ids of the special tokens in it (cached)."""
+        found = self._splits.get(text)
+        if found is None:
+            found, at = [], 0
+            for match in self._find_special(text) if self._find_special else ():
+                if match.start() > at:
+                    found.append(text[at : match.start()])
+                found.append(self._special_ids[match.group()])
+                at = match.end()
+            if at < len(text):
+                found.append(text[at:])
+            if len(self._splits) >= self.MEMO_LIMIT:
+                self._splits.clear()
+            self._splits[text] = found
+        return found
+
+
+def _strip_end(segments: list[Segment]) -> None:
+    """Drop the whitespace that ends the section (an lstrip token takes it)."""
+    while segments:
+        text, content, trained = segments.pop()
+        text = text.rstrip()
+        if text:
+            segments.append((text, content, trained))
+            return
+
+
+def _trained_spans(segments: list[Segment]) -> list[Span]:
+    spans: list[Span] = []
+    at = 0
+    for text, _, trained in segments:
+        if trained and text:
+            if spans and spans[-1][1] == at:
+                spans[-1] = (spans[-1][0], at + len(text))
+            else:
+                spans.append((at, at + len(text)))
+        at += len(text)
+    return spans
+
+
+def _flags(starts: list[int], ends: list[int], spans: list[Span]) -> list[bool]:
+    """Per token: does it overlap a trained span? (Token starts and ends never decrease.)"""
+    flags = [False] * len(starts)
+    for a, b in spans:
+        lo = bisect.bisect_right(ends, a)  # tokens that end at or before a are before the span
+        hi = bisect.bisect_left(starts, b)  # tokens that start before b reach into it
+        flags[lo:hi] = [True] * max(0, hi - lo)
+    return flags
 
 
 class BpeWords:
@@ -184,6 +380,7 @@ class BpeWords:
         d = re.escape(delimiter)
         self._split = re.compile(f"{d}*[^{d}]+|{d}+").findall
         self._ids: dict[str, list[int]] = {}
+        self._located: dict[str, tuple[list[int], list[int], list[int]]] = {}
 
     @classmethod
     def of(cls, view: Tokenizer, normalize: _TextNormalizer | None) -> BpeWords | None:
@@ -228,6 +425,34 @@ class BpeWords:
         chain = itertools.chain.from_iterable
         return [list(chain(map(word_ids, w))) for w in words]
 
+    def encode_located(self, texts: list[str]) -> list[tuple[list[int], list[int], list[int]]]:
+        """Like `encode`, with each token's start and end in its text (from a cache of words'
+        tokens and offsets, kept apart from the ids-only cache, which needs less memory)."""
+        words = list(map(self._split, texts))
+        located = self._located
+        new = set().union(*words).difference(located.keys())
+        if len(located) + len(new) > self.LIMIT:
+            located.clear()
+            new = set().union(*words)
+        if new:
+            batch = list(new)
+            for word, e in zip(batch, self._view.encode_batch(batch, add_special_tokens=False), strict=True):
+                located[word] = (e.ids, [s for s, _ in e.offsets], [t for _, t in e.offsets])
+        out = []
+        for text_words in words:
+            ids: list[int] = []
+            starts: list[int] = []
+            ends: list[int] = []
+            at = 0
+            for word in text_words:
+                word_ids, word_starts, word_ends = located[word]
+                ids += word_ids
+                starts += [s + at for s in word_starts]
+                ends += [e + at for e in word_ends]
+                at += len(word)
+            out.append((ids, starts, ends))
+        return out
+
 
 class _TextNormalizer:
     """The tokenizer's text rewriting, applied in Python: a normalizer made only of string Replace
@@ -255,7 +480,10 @@ class _TextNormalizer:
         metaspace = _metaspace_steps(pre) if pre is not None else None
         if node is None and metaspace is None:
             return None
-        return cls(steps + (metaspace or []), node is not None, metaspace is not None)
+        steps += metaspace or []
+        if any(kind == "replace" and (len(a), len(b)) != (1, 1) for kind, a, b in steps):
+            return None  # only one-for-one replacements keep offsets simple (see encode_located)
+        return cls(steps, node is not None, metaspace is not None)
 
     def replacement(self, text: str) -> str:
         """What the replace steps make of `text` (the prepend steps only act at the start)."""
@@ -315,8 +543,8 @@ def _metaspace_steps(node: dict[str, Any]) -> list[tuple[str, str, str]] | None:
     """A Metaspace pre-tokenizer that does not split, as text steps; None for anything else.
 
     It replaces " " with its replacement and, with prepend scheme "always" or "first", prepends
-    the replacement unless the text starts with it ("first" means the first section of the
-    input: plain-text views never cut the text at added tokens, so there is one section)."""
+    the replacement unless the text starts with it ("first": the view for the section at the
+    start of the text; the view for later sections has the scheme "never", see `_later_sections`)."""
     if node.get("type") == "Sequence":  # transformers >= 5.24 wraps the one Metaspace in a Sequence
         inner = node.get("pretokenizers") or []
         return _metaspace_steps(inner[0]) if len(inner) == 1 else None
@@ -354,31 +582,15 @@ def _components(backend: Tokenizer) -> dict[str, Any]:
     }
 
 
-def _without_prefix_space(node: Any) -> Any:
-    """Copy of a tokenizer.json tree with every 'add a leading space' step switched off."""
+def _later_sections(node: Any) -> Any:
+    """Copy of a tokenizer.json tree as it treats a section that does not start the text: a
+    Metaspace prefix with scheme "first" is not added there (every other step applies to each
+    section alike)."""
     if isinstance(node, list):
-        return [_without_prefix_space(n) for n in node if not _is_prepend(n)]
+        return [_later_sections(n) for n in node]
     if not isinstance(node, dict):
         return node
-    node = {k: v if k in _OPAQUE_KEYS else _without_prefix_space(v) for k, v in node.items()}
-    kind = node.get("type")
-    if kind == "Metaspace":
+    node = {k: v if k in _OPAQUE_KEYS else _later_sections(v) for k, v in node.items()}
+    if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
         node["prepend_scheme"] = "never"
-        if "add_prefix_space" in node:
-            node["add_prefix_space"] = False
-    elif kind == "ByteLevel" and "add_prefix_space" in node:
-        node["add_prefix_space"] = False
-    for key in ("normalizer", "pre_tokenizer"):
-        if _is_prepend(node.get(key)):
-            node[key] = None
     return node
-
-
-def _is_prepend(node: Any) -> bool:
-    """A step that only acts at the start of the text: a Prepend, or a Replace anchored at `\\A`
-    (continuation pieces are mid-text, where neither applies)."""
-    if not isinstance(node, dict):
-        return False
-    pattern = node.get("pattern")
-    anchored = isinstance(pattern, dict) and str(pattern.get("Regex", "")).startswith("\\A")
-    return node.get("type") == "Prepend" or (node.get("type") == "Replace" and anchored)

@@ -45,7 +45,7 @@ from exemplar.fsio import atomic_write_json, disk_full_guard
 log = logging.getLogger(__name__)
 
 # Bump when the encoding logic changes, so caches written by older code are not reused.
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"
 # Below this many rows a single process is faster than starting workers.
 _PARALLEL_MIN_ROWS = 4096
 
