@@ -8,15 +8,16 @@ from exemplar.data.schema import IGNORE_INDEX, Conversation
 
 def response_regions(encoder, conv: Conversation, rendered: str) -> list[tuple[int, int]]:
     """Where each assistant response is in the rendered text: its content as rendered (the mask
-    finder's content span, exact to the character, see test_masking) through its stop token."""
+    finder's content span, exact to the character, see test_masking) through its stop token (the
+    content alone for a template without one)."""
     messages = [m.to_template_dict() for m in conv.messages]
     spans = encoder.masker.content_spans(messages, conv.tools, rendered)
+    stop_token = encoder.masker.stop_token
     regions = []
     for message, span in zip(conv.messages, spans, strict=True):
         if message.role == "assistant" and span is not None:
-            stop_token = encoder.masker.stop_token
-            stop = rendered.index(stop_token, span[1])
-            regions.append((span[0], stop + len(stop_token)))
+            end = span[1] if stop_token is None else rendered.index(stop_token, span[1]) + len(stop_token)
+            regions.append((span[0], end))
     return regions
 
 
