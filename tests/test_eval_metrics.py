@@ -143,12 +143,14 @@ class ScriptedJudge(Generator):
         super().__init__()
         self.reply_for = reply_for
         self.prompts: list[str] = []
+        self.requests: list[GenerationRequest] = []
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         out = []
         for request in requests:
             prompt = request.messages[-1]["content"]
             self.prompts.append(prompt)
+            self.requests.append(request)
             out.append(GenerationResult((Sample(self.reply_for(prompt), True, "stop"),)))
         return out
 
@@ -168,6 +170,7 @@ def test_each_pair_is_judged_in_both_orders():
         render(template, "q2", "ref2", "good2"),
     ]
     assert outcome.scores == [0.5, 0.5] and outcome.errors == 0  # the swap cancels the bias
+    assert all(r.tools is None and r.greedy and r.max_new_tokens == 8 for r in judge.requests)
 
 
 def test_a_judge_that_prefers_the_candidate_and_one_that_rambles():

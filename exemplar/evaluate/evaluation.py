@@ -265,11 +265,11 @@ def _generate(
     requests = [
         GenerationRequest(
             _prompt_messages(r),
-            r.get("tools"),
-            options.max_new_tokens,
-            options.temperature,
-            options.top_p,
-            options.seed,
+            tools=r.get("tools"),
+            max_new_tokens=options.max_new_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            seed=options.seed,
         )
         for r in records
     ]

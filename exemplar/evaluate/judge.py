@@ -85,7 +85,9 @@ def judge_pairs(
     for q, c, o in zip(questions, candidates, opponents, strict=True):
         for a, b in ((c, o), (o, c)):
             prompt = render(template, q, a, b)
-            requests.append(GenerationRequest([{"role": "user", "content": prompt}], JUDGE_MAX_NEW_TOKENS))
+            requests.append(
+                GenerationRequest([{"role": "user", "content": prompt}], max_new_tokens=JUDGE_MAX_NEW_TOKENS)
+            )
     results = judge.generate(requests)
     outcome = JudgeOutcome(asked=len(requests))
     for i in range(len(questions)):
