@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 
 import pytest
 
@@ -59,7 +58,9 @@ def test_the_judge_sees_the_users_prompt_in_both_orders(server, model_dir, tmp_p
     ]
     assert len(expected) == 2 * 2 * len(questions)
     assert any(r["response"] != r["reference"] for r in rows)
-    assert Counter(forwarded) == Counter(expected)
+    # identical requests (an answer equal to its reference reads the same in both orders; the two
+    # models answer alike) are answered once by the server and then from the response cache
+    assert set(forwarded) == set(expected) and len(forwarded) == len(set(forwarded))
     for name in ("local", "served"):
         replies = [reply for r in rows if r["model"] == name for reply in r["judge"]]
         assert [reply["order"] for reply in replies] == ["candidate_is_A", "candidate_is_B"] * len(questions)
