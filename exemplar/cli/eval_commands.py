@@ -49,6 +49,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--reference", metavar="NAME", help="the model the judge compares against (default: references)"
     )
+    ev.add_argument(
+        "--lm-eval-task",
+        dest="lm_eval_tasks",
+        action="append",
+        default=[],
+        metavar="TASK.yaml",
+        help="also run an lm-evaluation-harness task file on each model folder (the eval extra); repeatable",
+    )
+    ev.add_argument("--lm-eval-limit", type=int, default=None, help="at most this many documents per task")
     ev.add_argument("--bootstrap-seed", type=int, default=0)
     ev.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     ev.set_defaults(handler=run_eval)
@@ -80,6 +89,8 @@ def run_eval(args: argparse.Namespace) -> int:
         judge=ModelSpec.parse(args.judge, "--judge") if args.judge else None,
         judge_prompt=args.judge_prompt,
         reference=args.reference,
+        lm_eval_tasks=args.lm_eval_tasks,
+        lm_eval_limit=args.lm_eval_limit,
         config=load_config(args.config) if args.config else None,
         device=args.device,
         bootstrap_seed=args.bootstrap_seed,

@@ -99,6 +99,8 @@ class EvalOptions:
     judge: ModelSpec | None = None
     judge_prompt: str | None = None
     reference: str | None = None  # a model's name; None: the held-out references
+    lm_eval_tasks: list[str] = field(default_factory=list)  # harness task YAML files (the eval extra)
+    lm_eval_limit: int | None = None
     config: Any = None  # a training Config: its mask, max_length, truncation and template apply
     device: str | None = None
     confidence: float = 0.95
@@ -402,9 +404,23 @@ def evaluate_models(
     if options.judge is not None:
         _judge(runs, records, references, options, out)
     result = summarize(runs, options)
+    for spec in specs:
+        if spec.local and options.lm_eval_tasks:
+            result["models"][spec.name]["lm_eval"] = _lm_eval(spec, options)
     result["data"] = str(data)
     _write(out, result, runs)
     return result
+
+
+def _lm_eval(spec: ModelSpec, options: EvalOptions) -> dict[str, dict[str, Any]]:
+    from exemplar.evaluate.lm_eval_bridge import run_lm_eval, task_name
+
+    return {
+        task_name(task): run_lm_eval(
+            spec.path, task, device=options.device, batch_size=options.batch_size, limit=options.lm_eval_limit
+        )
+        for task in options.lm_eval_tasks
+    }
 
 
 def _judge(runs: list[ModelRun], records, references, options: EvalOptions, out: Path) -> None:
@@ -571,6 +587,12 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines.append(
         f"Brackets: bootstrap {level}% intervals over examples (seed {result['bootstrap']['seed']})."
     )
+    for name, row in models.items():
+        for task, metrics in (row.get("lm_eval") or {}).items():
+            shown_metrics = ", ".join(
+                f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k
+            )
+            lines.append(f"- {name} on lm-eval task {task}: {shown_metrics}")
     for name, metrics in diffs.items():
         parts = [
             f"{m} {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
