@@ -41,6 +41,7 @@ _EXPORTS = {
     "LocalGenerator": "exemplar.evaluate.local",
     "HttpGenerator": "exemplar.evaluate.http_generator",
     "generate_file": "exemplar.evaluate.file_generation",
+    "evaluate_models": "exemplar.evaluate.evaluation",
     # errors
     "ExemplarError": "exemplar.errors",
     "ConfigError": "exemplar.errors",

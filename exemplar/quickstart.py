@@ -77,7 +77,7 @@ def run_quickstart(
 
     start = time.perf_counter()
     out = Path(out_dir)
-    for stale in ("checkpoints", "model", "metrics.jsonl"):  # a demo run starts afresh
+    for stale in ("checkpoints", "model", "base", "metrics.jsonl"):  # a demo run starts afresh
         path = out / stale
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     train_rows, heldout = make_quickstart_data(seed=0)
@@ -100,6 +100,8 @@ def run_quickstart(
         f"a {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter Llama, {config.train.max_steps} steps"
     )
     before = _measure(generator, requests, references)
+    # The random-init model, kept as the base row of `exemplar eval` (README, "Evaluation").
+    save_model(model, bundle.tokenizer, out / "base", data.stop_token_ids)
     summary = run_training(config, model, bundle.tokenizer, data.train, resume=False, progress=progress)
     after = _measure(generator, requests, references)
     written = save_model(model, bundle.tokenizer, out, data.stop_token_ids)
