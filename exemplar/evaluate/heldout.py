@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from exemplar.data.packing import IGNORE_INDEX, collate_padded
+from exemplar.data.schema import IGNORE_INDEX
+from exemplar.train.batch import collate_padded
 from exemplar.train.loss import LMLoss
 
 
