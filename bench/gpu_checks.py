@@ -306,11 +306,12 @@ def _packed_exactness(ctx: Context, attn: str) -> dict:
     import torch
 
     from exemplar.config import ModelConfig, TrainConfig
-    from exemplar.data.packing import collate_packed, collate_padded, flatten_batch
     from exemplar.data.tokenizer import load_tokenizer
     from exemplar.model.loading import load_model
+    from exemplar.train.attention import needs_flat_batches
+    from exemplar.train.batch import collate_packed, collate_padded, flatten_batch
     from exemplar.train.loop import autocast_factory
-    from exemplar.train.loss import LMLoss, needs_flat_batches
+    from exemplar.train.loss import LMLoss
 
     precision = ctx.sizes["exact_precision"]
     config = _config(ctx, "exact", model=small_model(ctx))

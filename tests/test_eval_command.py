@@ -12,7 +12,7 @@ import torch
 
 from exemplar.cli import main
 from exemplar.config import ModelConfig, TrainConfig
-from exemplar.data.packing import IGNORE_INDEX
+from exemplar.data.schema import IGNORE_INDEX
 from exemplar.evaluate.evaluation import pick_shots, with_shots
 from exemplar.model import load_model, save_model
 from tests.generation_helpers import LLAMA, TAUGHT, taught_model
