@@ -8,13 +8,14 @@ masking and packing through the same code as `exemplar train`, measures again, a
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from exemplar.fsio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def run_quickstart(
         },
         "heldout_examples": len(heldout),
     }
-    (out / "quickstart_summary.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(out / "quickstart_summary.json", result)
     print(_report(result, heldout, before, after))
     return result
 
