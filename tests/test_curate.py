@@ -263,6 +263,15 @@ def test_semantic_dedup_with_the_default_model(tmp_path):
         ]
     )
     kept, removed, _ = _run(
-        ["curate", "dedup", str(_write(tmp_path / "a.jsonl", rows)), "--method", "semantic"], tmp_path / "o"
+        [
+            "curate",
+            "dedup",
+            str(_write(tmp_path / "a.jsonl", rows)),
+            "--method",
+            "semantic",
+            "--threshold",
+            "0.9",
+        ],
+        tmp_path / "o",
     )
     assert len(kept) == 2 and removed[0]["meta"]["duplicate_of"]["row"] == 1
