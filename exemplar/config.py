@@ -135,6 +135,42 @@ class TrainConfig(_Strict):
         return 2e-5 if self.method == "full" else 2e-4
 
 
+class FilterConfig(_Strict):
+    """`exemplar curate filter` rules (README "Curation" has the table); a rule set to None/[] is off."""
+
+    placeholders: list[str] = Field(  # whole responses that are placeholders (compared normalised)
+        default_factory=lambda: [
+            "n/a",
+            "na",
+            "none",
+            "null",
+            "nan",
+            "todo",
+            "tbd",
+            "...",
+            "<nooutput>",
+            "<noinput>",
+            "[placeholder]",
+            "placeholder",
+            "lorem ipsum",
+        ]
+    )
+    min_response_tokens: int | None = Field(1, ge=1)  # tokens of the assistant text (training tokenizer)
+    max_tokens: int | None = Field(None, gt=0)  # tokens of all message text; None: the config's max_length
+    repetition: bool = True  # the Gopher repetition rules on the response
+    repetition_min_words: int = Field(50, ge=1)  # n-gram rules only from this many words (noisy below)
+    refusal_patterns: list[str] | None = None  # regexes (case-insensitive); None: the built-in list
+    languages: list[str] = Field(default_factory=list)  # ISO 639-1 codes to keep; empty: any language
+    language_min_confidence: float = Field(0.5, ge=0, le=1)
+    language_min_chars: int = Field(40, ge=1)  # shorter responses are not judged (detectors guess)
+    repeats_prompt: bool = True
+    invalid_characters: bool = True
+
+
+class CurateConfig(_Strict):
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+
+
 class Config(_Strict):
     model: ModelConfig | None = None  # data commands need only a tokenizer
     tokenizer: str | None = None  # defaults to model.path
@@ -147,6 +183,7 @@ class Config(_Strict):
     packing: bool = True
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = "runs/exemplar"
+    curate: CurateConfig = Field(default_factory=CurateConfig)
 
     # Where relative paths in the config are resolved from (the YAML file's folder).
     base_dir: str | None = Field(None, exclude=True)

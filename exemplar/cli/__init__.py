@@ -35,7 +35,13 @@ def _optional_command_modules() -> list:
     import importlib
 
     modules = []
-    for name in ("exemplar.cli.train_commands", "exemplar.cli.model_commands", "exemplar.cli.eval_commands"):
+    commands = (
+        "exemplar.cli.train_commands",
+        "exemplar.cli.model_commands",
+        "exemplar.cli.eval_commands",
+        "exemplar.cli.curate_commands",
+    )
+    for name in commands:
         try:
             modules.append(importlib.import_module(name))
         except ModuleNotFoundError as e:
