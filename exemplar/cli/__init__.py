@@ -35,7 +35,11 @@ def _optional_command_modules() -> list:
     import importlib
 
     modules = []
-    for name in ("exemplar.cli.train_commands", "exemplar.cli.model_commands"):
+    for name in (
+        "exemplar.cli.train_commands",
+        "exemplar.cli.model_commands",
+        "exemplar.cli.report_commands",
+    ):
         try:
             modules.append(importlib.import_module(name))
         except ModuleNotFoundError as e:
