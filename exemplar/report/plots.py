@@ -13,6 +13,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 _SIZE = (6.4, 2.8)  # inches, at 100 dpi: 640 x 280 pixels
 _DPI = 100
@@ -42,6 +43,7 @@ def step_chart(
     if values and max(values) / min(values) > 1e3:  # a spike would flatten the rest of the curve
         axes.set_yscale("log")
     axes.set_xlabel("step")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     return _png(fig)
 
 
