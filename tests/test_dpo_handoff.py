@@ -1,6 +1,7 @@
-"""The SFT result feeds preference tuning: an exported model folder (full, and LoRA merged) loads
-into TRL's DPOTrainer as both the policy and the reference, and a few DPO steps run on
-conversational preference data: the loss is finite, the policy moves, the reference does not."""
+"""The SFT result feeds preference tuning: the README's "After SFT: DPO" code, as written, takes an
+exported model folder (full, and LoRA merged) as both the policy and the reference of TRL's
+DPOTrainer and runs a few steps on conversational preference data: the loss is finite, the
+policy moves, the reference does not."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import math
 import pytest
 import torch
 
-from tests.report_helpers import train_tiny
+from exemplar.config import load_config
+from exemplar.train.finetune import finetune
+from tests.report_helpers import run_config
+from tests.test_api import python_blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,49 +41,28 @@ def preference_data():
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_an_exported_model_is_policy_and_reference_for_trl_dpo(tmp_path, method):
-    trl = pytest.importorskip("trl", reason="TRL is in the `bench` extra: pip install -e '.[bench]'")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_the_readme_dpo_hand_off_trains_an_exported_model_against_itself(tmp_path, monkeypatch, method):
+    pytest.importorskip("trl", reason="TRL is in the `bench` extra: pip install -e '.[bench]'")
+    from transformers import AutoModelForCausalLM
 
-    train = {"method": method, "merge": True} if method == "lora" else {}
-    summary = train_tiny(tmp_path, max_steps=2, eval_every=None, lr=1e-3, **train)
-    folder = summary["outputs"]["model"]  # the full model, or the LoRA adapter merged into its base
+    monkeypatch.chdir(tmp_path)  # the README's paths are relative: runs/my-run/model
+    config = run_config(tmp_path, max_steps=2, eval_every=None, lr=1e-3)
+    config["output_dir"] = "runs/my-run"
+    if method == "lora":
+        config["train"].update(method="lora", merge=True)
+    summary = finetune(load_config(None, **config), progress=False)
+    assert summary["outputs"]["model"] == "runs/my-run/model"  # the full model, or the merged LoRA
     assert ("adapter" in summary["outputs"]) == (method == "lora")
 
-    # The hand-off: the same folder is the starting policy and the frozen reference; the chat
-    # template travels with the tokenizer saved there.
-    policy = AutoModelForCausalLM.from_pretrained(folder)
-    reference = AutoModelForCausalLM.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    assert tokenizer.chat_template
-    before = {name: p.detach().clone() for name, p in policy.named_parameters()}
-    reference_before = {name: p.detach().clone() for name, p in reference.named_parameters()}
+    (block,) = python_blocks("After SFT: DPO")
+    namespace = {"__name__": "readme", "preferences": preference_data()}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
 
-    args = trl.DPOConfig(
-        output_dir=str(tmp_path / "dpo"),
-        per_device_train_batch_size=2,
-        max_steps=3,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        activation_checkpointing=False,  # TRL turns it on by default; a 2-layer model needs none
-        max_length=64,
-        seed=0,
-    )
-    trainer = trl.DPOTrainer(
-        model=policy,
-        ref_model=reference,
-        args=args,
-        train_dataset=preference_data(),
-        processing_class=tokenizer,
-    )
-    trainer.train()
-
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
-    moved = [name for name, p in policy.named_parameters() if not torch.equal(p.detach(), before[name])]
+    trainer = namespace["trainer"]
+    assert trainer.state.global_step >= 2
+    assert all(math.isfinite(row["train_loss"]) for row in trainer.state.log_history if "train_loss" in row)
+    sft = dict(AutoModelForCausalLM.from_pretrained("runs/my-run/model").named_parameters())
+    moved = [n for n, p in namespace["policy"].named_parameters() if not torch.equal(p.detach(), sft[n])]
     assert moved, "DPO did not change the policy"
-    for name, p in reference.named_parameters():
-        assert torch.equal(p.detach(), reference_before[name]), f"the reference changed: {name}"
+    for name, p in namespace["reference"].named_parameters():
+        assert torch.equal(p.detach(), sft[name]), f"the reference changed: {name}"
