@@ -45,7 +45,8 @@ def run_config(folder: Path, **train) -> dict:
         "model": {"from_config": TINY_LLAMA},
         "tokenizer": tokenizer_path(),
         "data": {
-            "train": [{"path": str(write_rows(folder / "rows.jsonl"))}],
+            # a weight: the prepared set is an index mapping over the rows, which the statistics follow
+            "train": [{"path": str(write_rows(folder / "rows.jsonl")), "weight": 1.5}],
             "eval": [{"path": str(write_rows(folder / "eval_rows.jsonl", 4))}],
             "cache_dir": str(folder / "cache"),
         },

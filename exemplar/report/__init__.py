@@ -51,7 +51,9 @@ def report_after_training(run_dir: str | Path) -> Path | None:
     """The report at the end of `exemplar train`: its path, or None (and a warning) when it could not
     be written, because the trained model matters more than its report."""
     try:
-        return write_report(run_dir)
+        path = write_report(run_dir)
     except Exception as e:  # noqa: BLE001 - any failure: the model is saved, the report is not
         log.warning("the training report could not be written (`exemplar report %s` retries): %s", run_dir, e)
         return None
+    log.info("report: %s", path)
+    return path
