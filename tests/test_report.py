@@ -155,6 +155,18 @@ def test_a_run_folder_without_the_optional_parts_still_renders(tmp_path):
     assert "1 line(s) of metrics.jsonl are not metrics rows" in html
 
 
+def test_an_eval_file_without_a_models_table_or_unreadable_is_said_to_be(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "lr": 0.001}\n')
+    (tmp_path / "eval.json").write_text('{"results": []}')
+    out = tmp_path / "elsewhere" / "page.html"
+    assert main(["report", str(tmp_path), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out) and not (tmp_path / "report.html").exists()
+    assert "eval.json holds no `models` table" in Page(out.read_text()).text("evaluation")
+    (tmp_path / "eval.json").write_text('{"models": ')  # cut short
+    html = build_report(tmp_path)
+    assert "eval.json could not be read" in html and "No evaluation" in Page(html).text("evaluation")
+
+
 @pytest.mark.parametrize("make", ["empty", "missing", "a file"])
 def test_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path, capsys, make):
     target = tmp_path / "folder"
