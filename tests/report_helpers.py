@@ -24,9 +24,12 @@ TINY_LLAMA = {
 }
 
 
-def write_rows(path: Path, n: int = 16) -> Path:
+LONG_WORD = "abcdefghij" * 20  # far over max_length 64: dropped, and counted by reason
+
+
+def write_rows(path: Path, n: int = 16, too_long: int = 0) -> Path:
     """Reverse-a-word rows; the first one carries markup that the report must show as text."""
-    words = [SCRIPT_ROW] + [f"abc{i}" for i in range(n - 1)]
+    words = [SCRIPT_ROW] + [f"abc{i}" for i in range(n - 1)] + [LONG_WORD] * too_long
     rows = [
         {
             "messages": [
@@ -46,7 +49,7 @@ def run_config(folder: Path, **train) -> dict:
         "tokenizer": tokenizer_path(),
         "data": {
             # a weight: the prepared set is an index mapping over the rows, which the statistics follow
-            "train": [{"path": str(write_rows(folder / "rows.jsonl")), "weight": 1.5}],
+            "train": [{"path": str(write_rows(folder / "rows.jsonl", too_long=1)), "weight": 1.5}],
             "eval": [{"path": str(write_rows(folder / "eval_rows.jsonl", 4))}],
             "cache_dir": str(folder / "cache"),
         },

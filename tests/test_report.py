@@ -79,12 +79,13 @@ def test_data_statistics_match_exemplar_data_stats(trained):
         assert stats[key] == pytest.approx(expected[key])
     assert sum(b["count"] for b in stats["length_histogram"]) == stats["train_examples"]
     assert stats["length"]["max"] == expected["length"]["max"]
-    assert stats["dropped"] == expected["dropped"]
+    assert stats["dropped"] == expected["dropped"] and sum(stats["dropped"].values()) == 1
     first = stats["previews"][0]
     assert len(first["tokens"]) == len(first["trained"]) == first["length"]
     assert sum(first["trained"]) == first["trained_tokens"] > 0
     text = Page((folder / "out" / "report.html").read_text()).text("data")
-    assert f"{stats['trained_share']:.1%}" in text and "None dropped." in text
+    (reason,) = stats["dropped"]
+    assert f"{stats['trained_share']:.1%}" in text and reason in text
 
 
 def test_the_config_of_the_run_is_recorded_and_shown(trained):
@@ -117,7 +118,10 @@ def test_report_command_shows_the_eval_table(trained, tmp_path, capsys):
         },
     }
     (run / "eval").mkdir()
-    (run / "eval" / "eval.json").write_text(json.dumps({"models": models}))
+    intervals = {"tuned <b>": {"exact_match": [0.5, 0.9]}}
+    (run / "eval" / "eval.json").write_text(
+        json.dumps({"models": models, "intervals": intervals, "confidence": 0.95})
+    )
     assert main(["report", str(run)]) == 0
     assert capsys.readouterr().out.strip() == str(run / "report.html")
     page = Page((run / "report.html").read_text())
@@ -132,7 +136,8 @@ def test_report_command_shows_the_eval_table(trained, tmp_path, capsys):
         "general_nll",
     ):
         assert name in text
-    assert "tuned <b>" in text and "12.18" in text and "0.75" in text and "–" in text  # a missing value
+    assert "tuned <b>" in text and "12.18" in text and "–" in text  # a dash: a missing value
+    assert "0.75 [0.5, 0.9]" in text and "95% bootstrap interval" in text
 
 
 def test_a_run_folder_without_the_optional_parts_still_renders(tmp_path):

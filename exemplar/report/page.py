@@ -148,7 +148,7 @@ def _data(run: RunFolder) -> list[str]:
             out.append("<p>The run's data report:</p><pre>" + escape("\n".join(lines)) + "</pre>")
         return out
     rows: list[tuple[str, Any]] = [
-        ("train examples", stats.get("train_examples")),
+        ("train examples (weights applied)", stats.get("train_examples")),
         ("eval examples", stats.get("eval_examples")),
         ("tokens", stats.get("tokens")),
         ("trained tokens", stats.get("trained_tokens")),
@@ -228,15 +228,31 @@ def _evaluation(run: RunFolder) -> list[str]:
     columns = [c for c in EVAL_COLUMNS if any(isinstance(m, dict) and c in m for m in models.values())]
     others = {k for m in models.values() if isinstance(m, dict) for k, v in m.items() if _is_number(v)}
     columns += sorted(others - set(columns))
-    rows = [
-        (name, *((metrics.get(c) if isinstance(metrics, dict) else None) for c in columns))
-        for name, metrics in models.items()
-    ]
+    intervals = run.evaluation.get("intervals")
+    intervals = intervals if isinstance(intervals, dict) else {}
+    rows = []
+    for name, metrics in models.items():
+        metrics = metrics if isinstance(metrics, dict) else {}
+        spans = intervals.get(name) if isinstance(intervals.get(name), dict) else {}
+        rows.append((name, *(_with_interval(metrics.get(c), spans.get(c)) for c in columns)))
     rel = run.evaluation_path.relative_to(run.path)
-    return [
-        f"<p>From <code>{escape(str(rel))}</code>; a dash is a metric that model has no value for.</p>",
-        _table(["model", *columns], rows),
-    ]
+    note = f"From <code>{escape(str(rel))}</code>; a dash is a metric that model has no value for"
+    if _is_number(run.evaluation.get("confidence")) and intervals:
+        note += f"; in brackets the {run.evaluation['confidence']:.0%} bootstrap interval"
+    return [f"<p>{note}.</p>", _table(["model", *columns], rows)]
+
+
+def _with_interval(value: Any, span: Any) -> Any:
+    """The value, and its interval [low, high] after it when eval.json has one."""
+    if not _is_number(value) or not (
+        isinstance(span, list) and len(span) == 2 and all(map(_is_number, span))
+    ):
+        return value
+    return _Numeric(f"{_number(value)} [{_number(span[0])}, {_number(span[1])}]")
+
+
+class _Numeric(str):
+    """Text that is a number (with its interval): right-aligned like one."""
 
 
 def _config(run: RunFolder) -> list[str]:
@@ -268,6 +284,8 @@ def _table(header: list[str], rows) -> str:
 
 
 def _cell(value: Any) -> str:
+    if isinstance(value, _Numeric):
+        return f'<td class="n">{escape(value)}</td>'
     if _is_number(value):
         return f'<td class="n">{escape(_number(value))}</td>'
     return f"<td>{escape('–' if value is None else str(value))}</td>"
