@@ -55,7 +55,8 @@ _STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; padding: 0 1em; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; margin-top: 2em; }
 table { border-collapse: collapse; margin: .5em 0; } td, th { padding: .2em .8em; border-bottom: 1px solid #eee; text-align: left; }
-td.n { text-align: right; font-variant-numeric: tabular-nums; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.wide { overflow-x: auto; }
 img { display: block; max-width: 100%; margin: .5em 0; }
 pre { background: #f6f6f6; padding: .8em; overflow-x: auto; }
 .missing { color: #8a5a00; background: #fff6e0; padding: .4em .8em; }
@@ -239,7 +240,7 @@ def _evaluation(run: RunFolder) -> list[str]:
     note = f"From <code>{escape(str(rel))}</code>; a dash is a metric that model has no value for"
     if _is_number(run.evaluation.get("confidence")) and intervals:
         note += f"; in brackets the {run.evaluation['confidence']:.0%} bootstrap interval"
-    return [f"<p>{note}.</p>", _table(["model", *columns], rows)]
+    return [f"<p>{note}.</p>", f'<div class="wide">{_table(["model", *columns], rows)}</div>']
 
 
 def _with_interval(value: Any, span: Any) -> Any:
