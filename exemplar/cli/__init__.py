@@ -40,6 +40,7 @@ def _optional_command_modules() -> list:
         "exemplar.cli.model_commands",
         "exemplar.cli.eval_commands",
         "exemplar.cli.curate_commands",
+        "exemplar.cli.report_commands",
     )
     for name in commands:
         try:

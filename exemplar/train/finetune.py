@@ -88,6 +88,8 @@ def _finetune(config: Config, world, inputs: _Inputs, resume: bool, progress: bo
     from exemplar.data.pipeline import prepare_data
     from exemplar.data.tokenizer import load_tokenizer
     from exemplar.model.export import model_for_export, save_model
+    from exemplar.report import REPORT_FILE, record_run_data, report_after_training
+    from exemplar.report.run_record import versions
     from exemplar.train.distributed import barrier, broadcast_object, run_in_stages
     from exemplar.train.loop import run_training, seed_everything
 
@@ -134,7 +136,13 @@ def _finetune(config: Config, world, inputs: _Inputs, resume: bool, progress: bo
     summary["outputs"] = {name: str(path) for name, path in written.items()}
     summary["data"] = [report.lines() for report in data.reports]
     if world.is_main:
+        summary["versions"] = versions()
+        record_run_data(config, data)  # config.yaml and data_stats.json, for the report
+        summary["outputs"]["report"] = str(Path(config.output_dir) / REPORT_FILE)
         atomic_write_json(Path(config.output_dir) / "train_summary.json", summary)
+        if report_after_training(config.output_dir) is None:  # a warning was logged; the model is saved
+            del summary["outputs"]["report"]
+            atomic_write_json(Path(config.output_dir) / "train_summary.json", summary)
     barrier(world)  # the model folder is complete before any rank returns
     return summary
 
