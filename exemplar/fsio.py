@@ -28,22 +28,9 @@ os.umask(_UMASK)
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` atomically and durably; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; a written file gets the ordinary umask-derived mode instead.
-        os.chmod(tmp_name, 0o666 & ~_UMASK)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
+    with _atomic_file(path, "wb") as f:
+        f.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -65,14 +52,23 @@ def atomic_text_writer(path: str | Path) -> Iterator[IO[str]]:
     For outputs too large to build in memory first (a converted dataset): the caller writes to
     the yielded file, which is a temporary sibling renamed over `path` when the block ends
     without an exception (and removed when it raises)."""
+    with _atomic_file(path, "w", encoding="utf-8", newline="\n") as f:
+        yield f
+
+
+@contextmanager
+def _atomic_file(path: str | Path, mode: str, **open_args: Any) -> Iterator[IO[Any]]:
+    """The one write path: a temporary sibling, flushed and fsynced, given the ordinary mode,
+    renamed over `path`, the folder fsynced; removed instead when the block raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+        with os.fdopen(fd, mode, **open_args) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600; a written file gets the ordinary umask-derived mode instead.
         os.chmod(tmp_name, 0o666 & ~_UMASK)
         os.replace(tmp_name, path)
     except BaseException:
