@@ -7,7 +7,8 @@ split over cores, a rerun on `kept.jsonl` removes nothing more, and a removed ro
 
 - exact: SHA-256 of the normalised text (NFKC, case folded, whitespace collapsed).
 - minhash: character 5-gram shingles of the normalised text (so languages written without
-  spaces, and code, work), MinHash with 128 permutations (datasketch), LSH banding from
+  spaces, and code, work), hashed to 32 bits with numpy (`shingle_hashes`), MinHash with 128
+  permutations (datasketch), LSH banding from
   datasketch's optimal parameters for the threshold with false negatives weighted 0.8 (a
   candidate is verified afterwards, so a false positive only costs a comparison); a candidate
   is a duplicate when its estimated Jaccard similarity is at least the threshold.
@@ -78,19 +79,35 @@ def lsh_parameters(threshold: float) -> tuple[int, int, float]:
     return lsh.b, lsh.r, 1 - (1 - threshold**lsh.r) ** lsh.b
 
 
-def shingles(text: str) -> list[bytes]:
-    """Character 5-grams of the normalised text (the whole text when shorter)."""
-    text = normalise(text)
-    if len(text) <= SHINGLE:
-        return [text.encode()]
-    return list({text[i : i + SHINGLE].encode() for i in range(len(text) - SHINGLE + 1)})
+def shingle_hashes(text: str) -> np.ndarray:
+    """32-bit hashes of the character 5-grams of the normalised text (the whole text as one
+    shingle when shorter), all at once with numpy: a polynomial in the code points mod 2^64, then
+    its top 32 bits after a multiplicative mix. Hashing each shingle's bytes with datasketch's
+    default (one SHA-1 call per shingle, in Python) took most of the dedup's time; MinHash only
+    needs distinct shingles to get distinct values (datasketch mixes them again with fmix32), and
+    two distinct 5-grams of a row share a 32-bit value with probability about n^2 / 2^33."""
+    codes = np.frombuffer(normalise(text).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    if len(codes) < SHINGLE:
+        codes = np.concatenate([codes, np.zeros(SHINGLE - len(codes), np.uint64)])
+    with np.errstate(over="ignore"):  # arithmetic mod 2^64 is the point
+        h = np.zeros(len(codes) - SHINGLE + 1, dtype=np.uint64)
+        for i in range(SHINGLE):
+            h = h * _POLY + codes[i : len(codes) - SHINGLE + 1 + i]
+        return ((h * _MIX) >> np.uint64(32)).astype(np.uint32)
+
+
+# Odd 64-bit constants (from the digits of pi and e): the polynomial's base and the final mix.
+_POLY = np.uint64(0x243F6A8885A308D3)
+_MIX = np.uint64(0xB7E151628AED2A6B)
 
 
 def signatures(texts: list[str]) -> list[np.ndarray]:
-    """MinHash signatures (runs in worker processes)."""
+    """MinHash signatures (runs in worker processes). The shingles reach datasketch already
+    hashed (`shingle_hashes`), so its hash function is `int`."""
     from datasketch import MinHash
 
-    hashes = MinHash.bulk([shingles(t) for t in texts], num_perm=NUM_PERM, seed=SEED, scheme=SCHEME)
+    shingles = [shingle_hashes(t).tolist() for t in texts]
+    hashes = MinHash.bulk(shingles, num_perm=NUM_PERM, seed=SEED, scheme=SCHEME, hashfunc=int)
     return [m.hashvalues for m in hashes]
 
 

@@ -1,0 +1,206 @@
+"""Curation beats volume: the same model, steps and seed trained on a large noisy set and on
+that set after `exemplar curate`, then held-out exact match and NLL for each.
+
+    python bench/curation.py [--table curation] [--steps 300] [--work DIR] [--markdown FILE]
+
+Data (bench/curation_data.py): the quickstart's letter-reversal task, with wrong answers,
+refusals, repeated answers and a few rows copied many times. Curation, each stage through the
+CLI on the previous stage's kept.jsonl:
+
+1. score: `meta.scores.verifier` from `curation_data.reversal_verified` (what `exemplar curate
+   score --scorer verifier:bench/curation_data.py:reversal_verified` adds; done here in-process
+   until that command is on main);
+2. `exemplar curate filter --min-score verifier=1` (refusals, repetition, wrong answers);
+3. `exemplar curate dedup --method minhash` (the copies).
+
+Training: the quickstart's recipe (exemplar/quickstart.py: 1.8M-parameter Llama, the shipped
+tokenizer, packing) through `exemplar.finetune`; evaluation through `exemplar.evaluate_models`
+on the held-out reversals (letter lists never seen in training).
+
+Each table is a function in TABLES; issue 14's distillation and rejection-sampling tables are
+meant to be added there, reusing `train` and `evaluate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from curation_data import NOISE_KINDS, NoiseSizes, make_noisy_set, reversal_verified  # noqa: E402
+
+MAX_NEW_TOKENS = 24
+
+
+# ---- curation --------------------------------------------------------------------------------
+
+
+def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def add_verifier_scores(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {**r, "meta": {**r.get("meta", {}), "scores": {"verifier": float(reversal_verified(r))}}}
+        for r in rows
+    ]
+
+
+def exemplar_cli(*argv: str) -> None:
+    from exemplar.cli import main
+
+    if main([*argv, "--no-progress"]) != 0:
+        raise SystemExit(f"exemplar {' '.join(argv)} failed")
+
+
+def curate(noisy: Path, work: Path) -> tuple[Path, list[dict[str, Any]]]:
+    """Run the stages; return the final kept.jsonl and each stage's summary.json."""
+    scored = write_jsonl(add_verifier_scores(read_jsonl(noisy)), work / "scored.jsonl")
+    exemplar_cli("curate", "filter", str(scored), "--out", str(work / "filter"), "--min-score", "verifier=1")
+    exemplar_cli(
+        "curate",
+        "dedup",
+        str(work / "filter" / "kept.jsonl"),
+        "--out",
+        str(work / "dedup"),
+        "--method",
+        "minhash",
+    )
+    summaries = [json.loads((work / s / "summary.json").read_text()) for s in ("filter", "dedup")]
+    return work / "dedup" / "kept.jsonl", summaries
+
+
+def noise_counts(path: Path) -> Counter:
+    return Counter(r["meta"]["noise"] for r in read_jsonl(path))
+
+
+# ---- training and evaluation (shared by every table) --------------------------------------------
+
+
+def train_config(data: Path, out: Path, steps: int, seed: int) -> Any:
+    from exemplar.config import load_config
+    from exemplar.quickstart import MODEL, TRAIN, tokenizer_path
+
+    return load_config(
+        None,
+        model={"from_config": MODEL},
+        tokenizer=tokenizer_path(),
+        data={"train": [{"path": str(data)}], "cache_dir": str(out / "cache")},
+        max_length=128,
+        packing=True,
+        train=dict(TRAIN, max_steps=steps, seed=seed, save_every=None),
+        output_dir=str(out),
+    )
+
+
+def train(data: Path, out: Path, steps: int, seed: int) -> dict[str, Any]:
+    """Train the quickstart model on `data`; the summary, with the exported model's folder."""
+    import exemplar
+
+    start = time.perf_counter()
+    summary = exemplar.finetune(train_config(data, out, steps, seed), progress=False)
+    return {**summary, "model_dir": str(out / "model"), "wall_s": time.perf_counter() - start}
+
+
+def evaluate(models: dict[str, str], heldout: Path, out: Path, config: Any) -> dict[str, Any]:
+    """Held-out exact match and NLL for each model (the first is the base of the differences)."""
+    import exemplar
+
+    specs = [f"{name}={path}" for name, path in models.items()]
+    return exemplar.evaluate_models(
+        specs, heldout, out, max_new_tokens=MAX_NEW_TOKENS, batch_size=64, config=config
+    )
+
+
+def markdown_table(head: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "| --- " + "| ---: " * (len(head) - 1) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+# ---- tables --------------------------------------------------------------------------------------
+
+
+def table_curation(work: Path, steps: int, seed: int) -> str:
+    rows, heldout = make_noisy_set(NoiseSizes(), seed=seed)
+    noisy = write_jsonl(rows, work / "data" / "noisy.jsonl")
+    heldout_path = write_jsonl(heldout, work / "data" / "heldout.jsonl")
+    curated, summaries = curate(noisy, work / "curate")
+    runs = {
+        name: train(path, work / "runs" / name, steps, seed)
+        for name, path in (("noisy", noisy), ("curated", curated))
+    }
+    config = train_config(noisy, work / "runs" / "noisy", steps, seed)
+    result = evaluate({n: r["model_dir"] for n, r in runs.items()}, heldout_path, work / "eval", config)
+    counts = {"noisy": noise_counts(noisy), "curated": noise_counts(curated)}
+    table = []
+    for name in ("noisy", "curated"):
+        m, iv = result["models"][name], result["intervals"][name]
+        table.append(
+            [
+                name,
+                f"{sum(counts[name].values()):,}",
+                ", ".join(f"{k} {counts[name][k]}" for k in NOISE_KINDS if counts[name][k]) or "none",
+                f"{m['exact_match']:.3f} [{iv['exact_match'][0]:.3f}, {iv['exact_match'][1]:.3f}]",
+                f"{m['nll']:.3f} [{iv['nll'][0]:.3f}, {iv['nll'][1]:.3f}]",
+                f"{m['stop_rate']:.3f}",
+                f"{runs[name]['wall_s']:.0f}",
+            ]
+        )
+    head = [
+        "training set",
+        "rows",
+        "noise rows in it",
+        "held-out exact match [95% CI]",
+        "held-out NLL [95% CI]",
+        "stop rate",
+        "train s",
+    ]
+    removed = "; ".join(
+        f"{s['stage']}: " + ", ".join(f"{k} {v}" for k, v in s["removed"].items()) for s in summaries
+    )
+    diff = result["differences"]["curated"]
+    return (
+        markdown_table(head, table)
+        + f"\n\nRemoved by curation: {removed}. Curated minus noisy (paired bootstrap): exact match "
+        f"{diff['exact_match']['value']:+.3f} [{diff['exact_match']['low']:+.3f}, {diff['exact_match']['high']:+.3f}], "
+        f"NLL {diff['nll']['value']:+.3f} [{diff['nll']['low']:+.3f}, {diff['nll']['high']:+.3f}]; "
+        f"{len(heldout)} held-out reversals, {steps} steps, seed {seed}, the same initial weights."
+    )
+
+
+TABLES: dict[str, Callable[[Path, int, int], str]] = {"curation": table_curation}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table", choices=sorted(TABLES), nargs="+", default=["curation"])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/exemplar-curation-bench"))
+    parser.add_argument("--markdown", type=Path, default=None)
+    args = parser.parse_args()
+    text = "\n\n".join(
+        f"### {name}\n\n" + TABLES[name](args.work / name, args.steps, args.seed) for name in args.table
+    )
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
