@@ -3,6 +3,10 @@ that set after `exemplar curate`, then held-out exact match and NLL for each.
 
     python bench/curation.py [--table curation] [--steps 300] [--work DIR] [--markdown FILE]
 
+On a machine shared with other jobs, OMP_NUM_THREADS=1 keeps torch's threads from spinning
+while they wait for each other (measured here: 55 s a step with two threads on a 2-core machine
+under load 17).
+
 Data (bench/curation_data.py): the quickstart's letter-reversal task, with wrong answers,
 refusals, repeated answers and a few rows copied many times. Curation, each stage through the
 CLI on the previous stage's kept.jsonl:
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections import Counter
@@ -112,6 +117,7 @@ def train(data: Path, out: Path, steps: int, seed: int) -> dict[str, Any]:
     """Train the quickstart model on `data`; the summary, with the exported model's folder."""
     import exemplar
 
+    shutil.rmtree(out, ignore_errors=True)  # a bench run starts afresh (no resume, no stale cache)
     start = time.perf_counter()
     summary = exemplar.finetune(train_config(data, out, steps, seed), progress=False)
     return {**summary, "model_dir": str(out / "model"), "wall_s": time.perf_counter() - start}
