@@ -53,6 +53,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     mix.add_argument("--no-progress", action="store_true")
     mix.set_defaults(handler=run_mix)
 
+    from exemplar.cli import curate_score_commands
+
+    curate_score_commands.register(verbs)
+
 
 def _common(parser: argparse.ArgumentParser, many: bool) -> None:
     parser.add_argument("inputs", nargs="*", metavar="IN", help="data files in any supported format")
