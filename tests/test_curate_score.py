@@ -180,3 +180,33 @@ def test_missing_extra_names_it(monkeypatch):
         ExemplarError, match=r"the relevance scorer needs .*pip install \"exemplar-sft\[curate\]\""
     ):
         make_scorer("relevance:/any/folder")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_same_input_scored_twice_gives_identical_scores(
+    tmp_path, shared_data, tokenizer, verifier_module
+):
+    from tests.generation_helpers import TAUGHT
+    from tests.scorer_helpers import reward_model_dir, taught_model_dir
+
+    pytest.importorskip("sentence_transformers")
+    rows = json.loads((shared_data / "alpaca_en_demo.json").read_text())[:6]
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(rows))
+    reward = reward_model_dir("qwen2", tokenizer, tmp_path / "rm")
+    lm = taught_model_dir(tokenizer, TAUGHT, tmp_path / "lm", steps=20)
+    specs = [
+        f"reward:{reward}",
+        f"ifd:{lm}",
+        f"perplexity:{lm}",
+        "relevance",
+        f"verifier:{verifier_module}:length",
+    ]
+    args = ["score", *[a for s in specs for a in ("--scorer", s)], "--batch-size", "4"]
+    first, removed, summary = _cli([data], tmp_path / "a", *args)
+    assert len(first) == 6 and not removed and summary["scores"]["ifd"]["count"] == 6
+    assert all(
+        set(r["meta"]["scores"]) == {"reward", "ifd", "perplexity", "relevance", "verifier"} for r in first
+    )
+    _cli([data], tmp_path / "b", *args)
+    assert (tmp_path / "a" / "kept.jsonl").read_bytes() == (tmp_path / "b" / "kept.jsonl").read_bytes()
