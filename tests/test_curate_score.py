@@ -78,6 +78,27 @@ def test_score_records_writes_scores_and_removes_failures(tmp_path, verifier_mod
     assert summary["scores"]["len"] == {"count": 2, "mean": 2.5, "min": 1.0, "max": 4.0}
 
 
+README_VERIFIER = """
+import ast
+
+def parses(record):
+    try:
+        ast.parse(record["messages"][-1]["content"])
+    except SyntaxError:
+        return False
+    return True
+"""
+
+
+def test_a_verifier_from_a_file_or_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "checks_here.py").write_text(README_VERIFIER)  # the README's example
+    records = [_record("code?", "x = 1", 1), _record("code?", "x = = 1", 2)]
+    by_path = make_scorer(f"verifier:{tmp_path / 'checks_here.py'}:parses").score(records)
+    monkeypatch.chdir(tmp_path)
+    by_name = make_scorer("verifier:checks_here:parses").score(records)
+    assert [s.value for s in by_path] == [s.value for s in by_name] == [1.0, 0.0]
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
