@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -27,10 +28,16 @@ def taught_dir(tokenizer, tmp_path_factory):
     return taught_model_dir(tokenizer, TAUGHT, tmp_path_factory.mktemp("taught") / "run")
 
 
-def _forward_reward(folder, ids):
+@functools.cache
+def _reward_model(folder):
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    return AutoModelForSequenceClassification.from_pretrained(folder).eval()
+
+
+def _forward_reward(folder, ids):
+    """The reward by a plain forward pass of the saved model."""
+    model = _reward_model(folder)
     with torch.no_grad():
         return float(model(input_ids=torch.tensor([ids])).logits[0, 0])
 
@@ -128,3 +135,17 @@ def test_relevance_ranks_an_on_topic_answer_above_an_off_topic_one():
     ]
     on_topic, off_topic = make_scorer("relevance").score(records)
     assert -1 <= off_topic.value < on_topic.value <= 1 and on_topic.value > 0.5
+
+
+def test_reward_on_real_tool_call_conversations(tokenizer, tmp_path, shared_data):
+    from exemplar.curate.io import read_inputs
+
+    records = list(read_inputs([str(shared_data / "glaive_toolcall_en_demo.json")]))[:4]
+    assert sum(bool(r.get("tools")) for r in records) == 2  # rows 1 and 4 call tools; 2 and 3 do not
+    folder = reward_model_dir("qwen2", tokenizer, tmp_path / "rm")
+    scores = make_scorer(f"reward:{folder}").score(records)
+    for record, score in zip(records, scores, strict=True):
+        ids = tokenizer.apply_chat_template(
+            record["messages"], tools=record.get("tools"), tokenize=True, return_dict=False
+        )
+        assert score.value == pytest.approx(_forward_reward(folder, ids), abs=1e-5)
