@@ -86,6 +86,14 @@ def test_a_reward_model_needs_one_output(tokenizer, tmp_path):
         make_scorer(f"reward:{tmp_path / 'none'}")
 
 
+def test_a_template_with_tokens_the_model_lacks_is_refused(taught_dir):
+    config = load_config({"chat_template": "llama3", "tokenizer": str(taught_dir)})
+    with pytest.raises(
+        ExemplarError, match="needs tokens the model was not trained with .*<\\|start_header_id\\|>"
+    ):
+        make_scorer(f"perplexity:{taught_dir}", config)
+
+
 def _answer_nll(model, tokenizer, context, answer):
     """Mean NLL of `answer`'s tokens after the generation prompt of `context`, by a plain forward."""
     prompt = tokenizer.apply_chat_template(

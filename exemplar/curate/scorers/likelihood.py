@@ -44,7 +44,7 @@ class CausalLM:
             model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
         except (OSError, ValueError) as e:
             raise ExemplarError(f"cannot load a causal LM from '{path}': {e}") from None
-        use_config_template(tokenizer, config)
+        use_config_template(tokenizer, config, path)
         self.tokenizer = tokenizer
         self.encode_prompt = prompt_encoder(tokenizer)
         self.model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()

@@ -32,7 +32,7 @@ class RewardScorer:
             raise ExemplarError(
                 f"{path}: a reward model has one output (num_labels 1), this one has {model.config.num_labels}"
             )
-        use_config_template(self.tokenizer, config)
+        use_config_template(self.tokenizer, config, path)
         if not self.tokenizer.chat_template:
             raise TemplateError(
                 f"{path}: the tokenizer has no chat template; set chat_template in a --config"
