@@ -230,8 +230,16 @@ class CurateStage(_Strict):
         return next((k, v) for k in type(self).model_fields if (v := getattr(self, k)) is not None)
 
 
+class ScoreConfig(_Strict):
+    """`exemplar curate score` options (README "Scoring")."""
+
+    rubric: str | None = None  # the judge's rubric file; None: exemplar/assets/judge_rubric.txt
+    judge_max_new_tokens: int = Field(256, ge=1)  # room for the rationale and the "Score: N" line
+
+
 class CurateConfig(_Strict):
     filter: FilterConfig = Field(default_factory=FilterConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
     out: str = "curated"  # `curate run`: stage folders OUT/01-filter, OUT/02-dedup, ... (beside the config)
     stages: list[CurateStage] = Field(default_factory=list)  # `curate run`, in order
 
