@@ -18,6 +18,7 @@ Memory: hashes, signatures or embeddings of the kept rows, never the rows.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -203,10 +204,16 @@ def default_model_path() -> str:
 
 def load_encoder(model: str | None, what: str):
     """The sentence-transformers model at the local folder `model` (default: all-MiniLM-L6-v2)."""
+    require("sentence_transformers", what)
+    return _encoder(model or default_model_path())
+
+
+@functools.lru_cache(maxsize=2)  # stages run one after another in a process (curate run) share it
+def _encoder(path: str):
+    import sentence_transformers as st
+
     from exemplar.errors import ExemplarError
 
-    st = require("sentence_transformers", what)
-    path = model or default_model_path()
     try:
         return st.SentenceTransformer(path, device="cpu" if not _cuda() else None, local_files_only=True)
     except (OSError, ValueError) as e:

@@ -197,17 +197,17 @@ def cluster_balanced(labels: np.ndarray, n: int, seed: int, scores: np.ndarray |
 
 
 def shares(sizes: list[int], n: int) -> list[int]:
-    """n split as evenly as the clusters' sizes allow (a full cluster's rest goes to the others;
-    a remainder goes to the largest clusters first)."""
-    take = [0] * len(sizes)
-    left = min(n, sum(sizes))
-    while left:
-        room = sorted((c for c, size in enumerate(sizes) if take[c] < size), key=lambda c: (-sizes[c], c))
-        each, extra = divmod(left, len(room))
-        for j, c in enumerate(room):
-            given = min(each + (j < extra), sizes[c] - take[c])
-            take[c] += given
-            left -= given
+    """n split as evenly as the clusters' sizes allow: each gives min(size, level) rows for the
+    highest level that fits, and the few left over come one each from the largest clusters."""
+    n = min(n, sum(sizes))
+    low, high = 0, max(sizes, default=0)
+    while low < high:  # the highest level with sum(min(size, level)) <= n
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if sum(min(s, mid) for s in sizes) <= n else (low, mid - 1)
+    take = [min(s, low) for s in sizes]
+    larger = sorted((c for c, size in enumerate(sizes) if size > low), key=lambda c: (-sizes[c], c))
+    for c in larger[: n - sum(take)]:
+        take[c] += 1
     return take
 
 
