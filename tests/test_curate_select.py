@@ -142,7 +142,7 @@ def test_score_and_diversity_keeps_the_best_of_each_cluster(tmp_path, scored_var
     args = ["--by", "score+diversity", "--score", "quality"]
     kept, _, summary = _select([scored_variants], tmp_path / "d", "--n", "8", *args)
     assert sorted(r["messages"][0]["content"] for r in kept) == best  # Deita: one per question, the best
-    assert summary["select"] == {"asked": 8, "selected": 8, "short_by": 0}
+    assert summary["select"] == {"asked": 8, "rows": 24, "selected": 8, "short_by": 0}
 
     by_clusters, _, _ = _select(
         [scored_variants], tmp_path / "dc", "--n", "8", *args, "--method", "clusters", "--clusters", "8"

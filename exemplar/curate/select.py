@@ -69,16 +69,14 @@ def select(
             f"warning: only {len(chosen)} rows are further apart than min_distance {options.min_distance:g} "
             f"(cosine distance); {options.n} were asked for: lower min_distance to keep more"
         )
-    if options.n >= rows:
+    elif options.n >= rows:
         log(f"note: {rows} rows and n={options.n}: every row is kept")
     selected = np.zeros(rows, dtype=bool)
     selected[chosen] = True
     _write(read(), writer, selected, _why_not(options), progress)
-    writer.extra["select"] = {
-        "asked": options.n,
-        "selected": len(chosen),
-        "short_by": options.n - len(chosen),
-    }
+    # short_by: rows the Deita recipe did not find far enough apart (not rows the input lacked)
+    short_by = min(options.n, rows) - len(chosen)
+    writer.extra["select"] = {"asked": options.n, "rows": rows, "selected": len(chosen), "short_by": short_by}
     writer.extra["clusters"] = cluster_report(labels, selected, k)
 
 
