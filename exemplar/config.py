@@ -10,12 +10,14 @@ import copy
 import difflib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from exemplar.errors import ConfigError
+
+_Options = TypeVar("_Options", bound=BaseModel)
 
 
 class _Strict(BaseModel):
@@ -167,6 +169,67 @@ class FilterConfig(_Strict):
     invalid_characters: bool = True
 
 
+class SelectOptions(_Strict):
+    """`exemplar curate select` and a `select:` stage of `curate run` (curate/select.py says how)."""
+
+    n: int = Field(gt=0)  # rows to keep
+    by: Literal["diversity", "score", "score+diversity"] = "diversity"
+    score: str | None = None  # the meta.scores NAME ranked by (by score, score+diversity)
+    method: Literal["k-center", "clusters"] = "k-center"  # how diversity is had
+    on: Literal["prompt", "response", "both"] = "prompt"  # the text embedded
+    clusters: int | None = Field(None, gt=0)  # k-means clusters; None: min(n, sqrt(rows), 100)
+    min_distance: float = Field(0.1, ge=0, le=2)  # Deita: cosine distance to every kept row above this
+    seed: int = 0
+    model: str | None = None  # a sentence-transformers folder; None: all-MiniLM-L6-v2
+
+    @model_validator(mode="after")
+    def _score_named(self) -> SelectOptions:
+        if self.by != "diversity" and not self.score:
+            raise ValueError(f"by: {self.by} ranks by a score: name it (score: NAME, of meta.scores.NAME)")
+        return self
+
+
+class FilterStage(_Strict):
+    rules: FilterConfig | None = None  # the keys given replace those of curate.filter for this stage
+    min_scores: dict[str, float] = Field(default_factory=dict)  # remove rows with meta.scores.NAME below
+    tokenizer: str | None = None  # for the token length rules; None: the config's
+
+
+class DedupStage(_Strict):
+    method: Literal["exact", "minhash", "semantic"] = "exact"
+    threshold: float | None = Field(None, gt=0, le=1)  # None: 0.8 minhash, 0.95 semantic
+    on: Literal["prompt", "response", "both"] = "both"
+    model: str | None = None  # semantic: a sentence-transformers folder
+
+
+class ScoreStage(_Strict):
+    scorers: list[str] = Field(min_length=1)  # specs, as `exemplar curate score --scorer`
+    batch_size: int = Field(32, gt=0)
+
+
+class CurateStage(_Strict):
+    """One entry of curate.stages: a mapping with one key, the stage, e.g. `dedup: {method: minhash}`."""
+
+    filter: FilterStage | None = None
+    dedup: DedupStage | None = None
+    score: ScoreStage | None = None
+    select: SelectOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_stage(cls, value: Any) -> Any:
+        if not isinstance(value, dict) or len(value) != 1:
+            got = list(value) if isinstance(value, dict) else type(value).__name__
+            raise ValueError(
+                f"a stage is a mapping with one key, one of {', '.join(cls.model_fields)} (got {got})"
+            )
+        return {kind: {} if options is None else options for kind, options in value.items()}
+
+    def kind(self) -> tuple[str, BaseModel]:
+        """(the stage's name, its options)."""
+        return next((k, v) for k in type(self).model_fields if (v := getattr(self, k)) is not None)
+
+
 class ScoreConfig(_Strict):
     """`exemplar curate score` options (README "Scoring")."""
 
@@ -177,6 +240,8 @@ class ScoreConfig(_Strict):
 class CurateConfig(_Strict):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
+    out: str = "curated"  # `curate run`: stage folders OUT/01-filter, OUT/02-dedup, ... (beside the config)
+    stages: list[CurateStage] = Field(default_factory=list)  # `curate run`, in order
 
 
 class Config(_Strict):
@@ -288,6 +353,14 @@ def validate_config(raw: dict[str, Any], base_dir: str | None = None, source: st
     # Outputs land beside the config, like every other relative path in it.
     config.output_dir = config.resolve_path(config.output_dir)
     return config
+
+
+def parse_options(options: type[_Options], source: str, **values: Any) -> _Options:
+    """Command-line options checked by a config model: the same bounds and messages as in a config."""
+    try:
+        return options.model_validate(values)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
 
 
 def format_validation_error(error: ValidationError, source: str) -> str:
