@@ -143,6 +143,7 @@ BAD_SECTIONS = {
     "other_model": ({"models": {"other": "no_such_folder"}}, "eval.models.other"),
     "duplicate_name": ({"name": "base"}, "must be unique"),
     "reference": ({"reference": "nobody"}, "eval.reference: 'nobody'"),
+    "shots_without_base": ({"base": False, "few_shot": 1}, "eval.few_shot: the few-shot row is the base"),
     "judge": ({"judge": "judge"}, "eval.judge"),
     "lm_eval_task": ({"lm_eval_tasks": ["missing.yaml"]}, "eval.lm_eval_tasks"),
     "temperature": ({"max_new_tokens": 0}, "eval.max_new_tokens"),

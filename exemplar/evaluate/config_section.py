@@ -49,7 +49,9 @@ def check_eval_section(config: Any, source: str = "config") -> None:
         _judge_prompt(config, section.judge_prompt, where)
     specs = model_specs(config, where, after_training=False)
     names = [spec.name for spec in specs]
-    if section.few_shot and (not specs or specs[0].name != BASE_NAME):
+    if section.reference is not None and section.reference not in names:
+        raise ConfigError(f"{where}.reference: {section.reference!r} is not one of the models {names}")
+    if section.few_shot and _base_target(config, after_training=False) is None:
         raise ConfigError(
             f"{where}.few_shot: the few-shot row is the base model with examples, and there is no base "
             "(set eval.base to a model folder; a model built from model.from_config has none)"
@@ -59,8 +61,6 @@ def check_eval_section(config: Any, source: str = "config") -> None:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"{where}: model names must be unique; {duplicates} appear twice in {names}")
-    if section.reference is not None and section.reference not in names:
-        raise ConfigError(f"{where}.reference: {section.reference!r} is not one of the rows {names}")
     if section.judge is not None:
         _spec(config, section.judge, f"{where}.judge")
 
