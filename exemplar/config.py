@@ -244,6 +244,50 @@ class CurateConfig(_Strict):
     stages: list[CurateStage] = Field(default_factory=list)  # `curate run`, in order
 
 
+class EvalConfig(_Strict):
+    """`eval:`: `exemplar eval` on the exported model at the end of `exemplar train` (README "Evaluation").
+
+    The same options as the command; paths are relative to the config's folder. The rows are
+    `base` (default: the config's model.path, none for a model built from_config), `BASE+Kshot`
+    with `few_shot`, `name` (the trained model) and any `models`. Written to OUTPUT/eval/.
+    """
+
+    data: str  # held-out conversations (any supported format); the last message is the reference
+    name: str = "tuned"  # the trained model's row
+    base: str | bool = True  # True: model.path as "base"; a folder or URL#served-name; False: none
+    models: dict[str, str] = Field(default_factory=dict)  # more rows: NAME -> folder or URL#served-name
+    general: str | None = None  # general text: NLL for forgetting
+    few_shot: int = Field(0, ge=0)  # the base with K worked examples
+    shots: str | None = None  # where the few-shot examples come from (default: `data`)
+    max_new_tokens: int = Field(256, gt=0)
+    temperature: float = Field(0.0, ge=0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0  # sampling seed (with temperature > 0)
+    batch_size: int = Field(8, gt=0)  # prompts per model.generate call
+    regex: str | None = None  # also score whether each response matches it
+    json_schema: str | None = None  # a JSON-schema file: also score conformance
+    verifier: str | None = None  # module:function, f(record, response) -> bool or number
+    judge: str | None = None  # NAME=URL#served-name or NAME=FOLDER
+    judge_prompt: str | None = None  # the judge's prompt template file (default: shipped)
+    reference: str | None = None  # the row the judge compares against (default: the references)
+    lm_eval_tasks: list[str] = Field(default_factory=list)  # lm-evaluation-harness task files (eval extra)
+    lm_eval_limit: int | None = Field(None, gt=0)
+    bootstrap_seed: int = 0
+    device: str | None = None  # default: cuda when available
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        import re
+
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression: {e}") from None
+        return value
+
+
 class Config(_Strict):
     model: ModelConfig | None = None  # data commands need only a tokenizer
     tokenizer: str | None = None  # defaults to model.path
@@ -257,6 +301,7 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = "runs/exemplar"
     curate: CurateConfig = Field(default_factory=CurateConfig)
+    eval: EvalConfig | None = None  # evaluate the exported model at the end of training
 
     # Where relative paths in the config are resolved from (the YAML file's folder).
     base_dir: str | None = Field(None, exclude=True)
@@ -352,6 +397,10 @@ def validate_config(raw: dict[str, Any], base_dir: str | None = None, source: st
     config.base_dir = base_dir
     # Outputs land beside the config, like every other relative path in it.
     config.output_dir = config.resolve_path(config.output_dir)
+    if config.eval is not None:  # files, models and the verifier: found now, not after training
+        from exemplar.evaluate.config_section import check_eval_section
+
+        check_eval_section(config, source)
     return config
 
 

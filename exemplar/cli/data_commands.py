@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -24,7 +25,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_config_arguments(validate)
     validate.set_defaults(handler=run_validate)
 
-    stats = verbs.add_parser("stats", help="rows, token lengths, trained share, drops")
+    stats = verbs.add_parser(
+        "stats",
+        help="rows, token lengths, trained share, drops; given a curation stage folder (or its "
+        "kept.jsonl): its removal reasons and score histograms",
+    )
     add_config_arguments(stats)
     stats.add_argument("--json", action="store_true", help="print the statistics as JSON")
     stats.set_defaults(handler=run_stats)
@@ -75,8 +80,11 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_stats(args: argparse.Namespace) -> int:
+    from exemplar.curate.stats import run_curation_stats, stage_folder
     from exemplar.data.inspect import compute_stats, format_stats
 
+    if Path(args.config).is_dir() or stage_folder(args.config):  # a curation stage, not a config
+        return run_curation_stats(args.config, args.json)
     stats = compute_stats(_config(args), progress=not args.json)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0

@@ -122,8 +122,14 @@ def mask_previews(dataset: Any, tokenizer: Any, count: int = PREVIEW_EXAMPLES) -
     return out
 
 
-def write_data_stats(prepared: Any, max_length: int, output_dir: str | Path) -> Path:
-    return atomic_write_json(Path(output_dir) / DATA_STATS_FILE, data_stats(prepared, max_length))
+def write_data_stats(
+    prepared: Any, max_length: int, output_dir: str | Path, curation: list[dict] | None = None
+) -> Path:
+    """OUTPUT/data_stats.json; `curation`: the statistics of the curation stages the data came from."""
+    stats = data_stats(prepared, max_length)
+    if curation:
+        stats["curation"] = curation
+    return atomic_write_json(Path(output_dir) / DATA_STATS_FILE, stats)
 
 
 def _token_text(tokenizer: Any, token_id: int) -> str:
