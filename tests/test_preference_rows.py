@@ -256,3 +256,14 @@ def test_preference_rows_train_a_tiny_model(dpo_config, tmp_path):
     assert f"  format: preference ({NOTE})" in summary["data"][0]
     stats = json.loads((tmp_path / "out" / "data_stats.json").read_text())
     assert list(stats["sources"][0]["formats"].values()) == ["preference"]
+
+
+def test_convert_writes_the_sft_conversation_of_each_preference_row(dpo_config, tmp_path, capsys):
+    out = tmp_path / "records.jsonl"
+    assert main(["data", "convert", str(dpo_config), "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 8 and "REJECTED" not in out.read_text(encoding="utf-8")
+    assert records[3]["messages"] == [
+        {"role": "user", "content": "Spell the number 3 in words.", "train": False},
+        {"role": "assistant", "content": "GOOD answer 3"},
+    ]

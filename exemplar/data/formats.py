@@ -300,11 +300,16 @@ def _message(
     calls: list[dict[str, Any]] | None,
 ) -> Message:
     """A message from its content (a string or a list of parts), reasoning fields and calls."""
+    value = message.get(content_key)
+    if type(value) is str and not _has_reasoning_field(message):  # the common case, kept fast
+        if role == "assistant" and not calls and not value.strip():
+            _check_not_empty(ctx, f"{path}.{content_key}", value, value, role, calls, None)
+        return Message(role, value, calls, _train_flag(ctx, path, message))
     content_path = f"{path}.{content_key}"
-    body = _Body(ctx, content_path, message.get(content_key), role)
+    body = _Body(ctx, content_path, value, role)
     calls = (calls or []) + body.tool_calls or None
     reasoning = _reasoning(ctx, path, message, role, body)
-    _check_not_empty(ctx, content_path, message.get(content_key), body.text, role, calls, reasoning)
+    _check_not_empty(ctx, content_path, value, body.text, role, calls, reasoning)
     return Message(
         role=role,
         content=body.text,
@@ -312,6 +317,10 @@ def _message(
         train=_train_flag(ctx, path, message),
         reasoning_content=reasoning,
     )
+
+
+def _has_reasoning_field(message: Mapping[str, Any]) -> bool:
+    return "reasoning_content" in message or "reasoning" in message or "thinking" in message
 
 
 def _role(ctx: _Ctx, path: str, value: Any, accepted: Mapping[str, str]) -> str:
@@ -403,10 +412,14 @@ def _parsed(ctx: _Ctx, path: str, value: Any, what: str) -> Any:
         raise ctx.error(path, f"{what} is not valid JSON: {e.msg} (column {e.colno})") from None
 
 
-def _reasoning(ctx: _Ctx, path: str, message: Mapping[str, Any], role: str, body: _Body) -> str | None:
+def _reasoning(ctx: _Ctx, path: str, message: Mapping[str, Any], role: str, body: _Body | None) -> str | None:
     """The reasoning: one of the REASONING_FIELDS, or the content's reasoning parts (not both)."""
+    if body is None or not body.reasoning:
+        if not _has_reasoning_field(message):
+            return None
+        body = None
     given = [key for key in REASONING_FIELDS if message.get(key) is not None]
-    if body.reasoning:
+    if body is not None:
         given.append("reasoning parts")
     if len(given) > 1:
         raise ctx.error(
@@ -417,7 +430,7 @@ def _reasoning(ctx: _Ctx, path: str, message: Mapping[str, Any], role: str, body
         return None
     if role != "assistant":
         raise ctx.error(f"{path}.{given[0]}", f"only assistant messages have reasoning, not '{role}'")
-    if body.reasoning:
+    if body is not None:
         return "".join(body.reasoning)
     return _require_str(ctx, f"{path}.{given[0]}", message[given[0]])
 
@@ -563,7 +576,7 @@ def _sharegpt_turn(ctx: _Ctx, path: str, turn: Any, role_key: str, content_key: 
     value_path, value = f"{path}.{content_key}", turn.get(content_key)
     if speaker.strip().lower() == "function_call":
         calls = _function_call_value(ctx, value_path, value)
-        reasoning = _reasoning(ctx, path, turn, role, _Body(ctx, value_path, None, role))
+        reasoning = _reasoning(ctx, path, turn, role, None)
         return Message("assistant", "", calls, _train_flag(ctx, path, turn), reasoning_content=reasoning)
     return _message(ctx, path, turn, role, content_key, None)
 

@@ -60,9 +60,9 @@ def preview_items(
             if not chunk:
                 break
             planned = [
-                item
-                for k, item in enumerate(chunk)
-                for item in _plan(index + k, item, decided, masker, split)
+                planned_item
+                for k, row in enumerate(chunk)
+                for planned_item in _plan(index + k, row, decided, masker, split)
             ]
             examples = [example for _, example in planned if example is not None]
             encoded = iter(full.encode(examples))
