@@ -99,3 +99,21 @@ def test_text_preview_marks_an_over_long_row(tmp_path, shared_data, capsys, trun
         assert "DROPPED: too_long" in head and " 64 tokens" not in head
     else:
         assert "DROPPED" not in head and " 64 tokens" in head
+
+
+def test_stats_and_validate_name_the_format_of_each_file_of_a_folder(tmp_path, shared_data, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write(folder, [chat("a", "b")], "chats.jsonl")
+    write(folder, [{"prompt": "p", "chosen": "c", "rejected": "r"}], "dpo.jsonl")
+    cfg = config(tmp_path, str(shared_data / "llama2-tokenizer"), [folder])
+    assert main(["data", "stats", cfg]) == 0
+    out = capsys.readouterr().out
+    assert f"  format of {folder / 'chats.jsonl'}: messages" in out
+    assert f"  format of {folder / 'dpo.jsonl'}: preference (preference rows: training on `chosen`" in out
+    assert main(["data", "validate", cfg]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"{folder / 'chats.jsonl'}: format messages" in out
+        and f"{folder / 'dpo.jsonl'}: format preference" in out
+    )
