@@ -87,6 +87,10 @@ class MaskConfig(_Strict):
     last_turn_only: bool = False  # train only the last trained-role message of each conversation
     train_on_everything: bool = False  # every token trained (prompt included)
     train_stop_token: bool = True  # the token that closes each trained turn (e.g. <|im_end|>)
+    # as_rendered: each conversation is one example, rendered whole (a template may drop the
+    # reasoning of earlier turns, as at inference); every_turn: each trained turn becomes its own
+    # example, the conversation up to it rendered with it last, so every turn's reasoning is trained.
+    reasoning: Literal["as_rendered", "every_turn"] = "as_rendered"
 
 
 class LoraConfig(_Strict):

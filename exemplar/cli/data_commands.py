@@ -16,8 +16,12 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     preview = verbs.add_parser("preview", help="show each example's tokens, trained ones highlighted")
     add_config_arguments(preview)
-    preview.add_argument("--limit", type=int, default=5, help="examples to show (default 5; 0 for all)")
-    preview.add_argument("--json", action="store_true", help="one JSON object per example on stdout")
+    preview.add_argument("--limit", type=int, default=5, help="rows to show (default 5; 0 for all)")
+    preview.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON object per example on stdout: index, format, input_ids, labels (or "dropped")',
+    )
     preview.add_argument("--no-color", action="store_true", help="plain text: trained spans in [[ ]]")
     preview.set_defaults(handler=run_preview)
 
@@ -69,11 +73,14 @@ def run_preview(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    from exemplar.data.formats import describe_format
     from exemplar.data.inspect import validate
 
     result = validate(_config(args))
     for problem in result.problems:
         print(problem, file=sys.stderr)
+    for file, fmt in result.formats.items():
+        print(f"{file}: format {describe_format(fmt)}")
     status = "ok" if result.ok else f"{len(result.problems)} invalid"
     print(f"{result.rows} rows in {len(result.files)} file(s) checked: {status}")
     return 0 if result.ok else 1

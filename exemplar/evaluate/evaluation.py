@@ -206,7 +206,8 @@ def _token_rows(
         "truncation": "truncate" if text else (base.truncation if base else "drop"),
     }
     if base is not None:
-        mapping["mask"] = base.mask.model_dump()
+        # one scored example per held-out row: every_turn would make several of one row
+        mapping["mask"] = {**base.mask.model_dump(), "reasoning": "as_rendered"}
         mapping["special_tokens"] = list(base.special_tokens)
     config = load_config(None, **mapping)
     data = prepare_data(
