@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from exemplar.curate.io import StageWriter
 from exemplar.curate.scorers import Score, make_scorer, parse_spec, score_records
@@ -76,6 +82,27 @@ def test_score_records_writes_scores_and_removes_failures(tmp_path, verifier_mod
     assert bad["meta"]["scores"] == {"len": 4}  # what did succeed is kept
     assert summary["removed"] == {"score_error": 1} and summary["score_errors"] == {"verifier": 1, "len": 0}
     assert summary["scores"]["len"] == {"count": 2, "mean": 2.5, "min": 1.0, "max": 4.0}
+
+
+README_VERIFIER = """
+import ast
+
+def parses(record):
+    try:
+        ast.parse(record["messages"][-1]["content"])
+    except SyntaxError:
+        return False
+    return True
+"""
+
+
+def test_a_verifier_from_a_file_or_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "checks_here.py").write_text(README_VERIFIER)  # the README's example
+    records = [_record("code?", "x = 1", 1), _record("code?", "x = = 1", 2)]
+    by_path = make_scorer(f"verifier:{tmp_path / 'checks_here.py'}:parses").score(records)
+    monkeypatch.chdir(tmp_path)
+    by_name = make_scorer("verifier:checks_here:parses").score(records)
+    assert [s.value for s in by_path] == [s.value for s in by_name] == [1.0, 0.0]
 
 
 @pytest.mark.parametrize(
@@ -180,3 +207,109 @@ def test_missing_extra_names_it(monkeypatch):
         ExemplarError, match=r"the relevance scorer needs .*pip install \"exemplar-sft\[curate\]\""
     ):
         make_scorer("relevance:/any/folder")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_same_input_scored_twice_gives_identical_scores(
+    tmp_path, shared_data, tokenizer, verifier_module
+):
+    from tests.generation_helpers import TAUGHT
+    from tests.scorer_helpers import reward_model_dir, taught_model_dir
+
+    pytest.importorskip("sentence_transformers")
+    rows = json.loads((shared_data / "alpaca_en_demo.json").read_text())[:6]
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(rows))
+    reward = reward_model_dir("qwen2", tokenizer, tmp_path / "rm")
+    lm = taught_model_dir(tokenizer, TAUGHT, tmp_path / "lm", steps=20)
+    specs = [
+        f"reward:{reward}",
+        f"ifd:{lm}",
+        f"perplexity:{lm}",
+        "relevance",
+        f"verifier:{verifier_module}:length",
+    ]
+    args = ["score", *[a for s in specs for a in ("--scorer", s)], "--batch-size", "4"]
+    first, removed, summary = _cli([data], tmp_path / "a", *args)
+    assert len(first) == 6 and not removed and summary["scores"]["ifd"]["count"] == 6
+    assert all(
+        set(r["meta"]["scores"]) == {"reward", "ifd", "perplexity", "relevance", "verifier"} for r in first
+    )
+    _cli([data], tmp_path / "b", *args)
+    assert (tmp_path / "a" / "kept.jsonl").read_bytes() == (tmp_path / "b" / "kept.jsonl").read_bytes()
+
+
+# --- the stage's bookkeeping -----------------------------------------------------------------
+
+
+class Table:
+    """A scorer that reads each record's planned outcome from its meta (a number or an error)."""
+
+    name = "table"
+
+    def score(self, records):
+        return [
+            Score(None, r["meta"]["plan"]) if isinstance(r["meta"]["plan"], str) else Score(r["meta"]["plan"])
+            for r in records
+        ]
+
+
+@given(
+    plans=st.lists(st.one_of(st.floats(-1e6, 1e6), st.sampled_from(["bad answer", "timeout"])), max_size=30),
+    batch_size=st.integers(1, 7),
+)
+def test_every_row_is_kept_with_its_score_or_removed_with_its_error(tmp_path_factory, plans, batch_size):
+    records = [
+        {"text": "t", "meta": {"source": {"path": "p", "row": i + 1}, "plan": p}} for i, p in enumerate(plans)
+    ]
+    out = tmp_path_factory.mktemp("stage")
+    with StageWriter(out, "score", {}) as writer:
+        score_records(records, writer, [Table()], batch_size=batch_size, progress=False)
+    kept, removed = _read(out / "kept.jsonl"), _read(out / "removed.jsonl")
+    assert [r["meta"]["source"]["row"] for r in kept] == [
+        i + 1 for i, p in enumerate(plans) if not isinstance(p, str)
+    ]
+    assert [r["meta"]["scores"]["table"] for r in kept] == [p for p in plans if not isinstance(p, str)]
+    assert [r["meta"]["reason_detail"] for r in removed] == [
+        f"table: {p}" for p in plans if isinstance(p, str)
+    ]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["in"] == len(plans) and summary["kept"] + summary["score_errors"]["table"] == len(plans)
+
+
+def test_a_killed_score_stage_publishes_nothing_and_a_rerun_completes(tmp_path, verifier_module):
+    data = _alpaca(tmp_path / "in.jsonl", [(f"q{i}", str(i % 7)) for i in range(100)])
+    out = tmp_path / "out"
+    spec = f"verifier:{verifier_module}:exact"
+    _cli([data], out, "score", "--scorer", spec)  # a finished folder, then a rerun that is killed
+    env = dict(
+        os.environ, EXEMPLAR_CURATE_ROW_DELAY="0.02", PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path])
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "exemplar",
+        "curate",
+        "score",
+        str(data),
+        "--out",
+        str(out),
+        "--scorer",
+        spec,
+    ]
+    process = subprocess.Popen(
+        [*command, "--no-progress"], env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(out.glob(".kept.jsonl.*.tmp")):
+        time.sleep(0.01)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "summary.json").exists()  # not a finished stage: the next stage refuses it
+    kept, removed, summary = _cli([data], out, "score", "--scorer", spec)
+    assert sorted(r["meta"]["source"]["row"] for r in kept) == list(range(1, 101)) and not removed
+    assert (
+        sum(r["meta"]["scores"]["verifier"] for r in kept) == 14
+    )  # answer "4": i % 7 == 4, i = 4, 11, ..., 95
+    assert not list(out.glob(".*.tmp"))

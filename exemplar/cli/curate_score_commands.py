@@ -30,6 +30,8 @@ def run_score(args: argparse.Namespace) -> int:
     from exemplar.curate.scorers import make_scorer, score_records
 
     config = _config(args)
+    if args.num_proc:
+        _log("note: --num-proc does not apply to curate score (its models score a batch at a time)")
     if args.rubric:
         config.curate.score.rubric = args.rubric
     scorers = [make_scorer(spec, config) for spec in args.scorer]

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from exemplar.config import Config
 from exemplar.curate.scorers.base import Record, Score
+from exemplar.errors import ExemplarError
 
 T = TypeVar("T")
 
@@ -85,8 +86,16 @@ def score_each(
     return scores
 
 
-def use_config_template(tokenizer: Any, config: Config | None) -> None:
-    if config is not None and config.chat_template:
-        from exemplar.data.tokenizer import load_tokenizer
+def use_config_template(tokenizer: Any, config: Config | None, path: str) -> None:
+    """Give the tokenizer the config's chat template, if it names one; a template whose special
+    tokens are not in the model's vocabulary is refused (the model never learned them)."""
+    if config is None or not config.chat_template:
+        return
+    from exemplar.data.tokenizer import load_tokenizer
 
-        load_tokenizer(config, tokenizer)  # sets the config's template on this tokenizer
+    added = load_tokenizer(config, tokenizer).added_tokens
+    if added:
+        raise ExemplarError(
+            f"{path}: chat_template {config.chat_template!r} needs tokens the model was not trained "
+            f"with ({', '.join(added)}); use the template it was trained with"
+        )
