@@ -22,7 +22,10 @@ from exemplar.curate.select import cluster_balanced, deita, k_center, kmeans
 def timed(label: str, fn, results: dict) -> object:
     wall, cpu = time.perf_counter(), time.process_time()
     value = fn()
-    results[label] = {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu, 2)}
+    results[label] = {
+        "wall_s": round(time.perf_counter() - wall, 2),
+        "cpu_s": round(time.process_time() - cpu, 2),
+    }
     print(label, results[label], flush=True)
     return value
 
@@ -44,7 +47,9 @@ def embed_speed(rows: int, results: dict) -> None:
     records = list(read_inputs([str(shared_data_dir() / "alpaca_en_demo.json")]))[:rows]
     texts = [compared_text(r, "prompt") for r in records]
     encoder = load_encoder(None, "bench")
-    timed(f"embed {len(texts)} Alpaca prompts", lambda: encoder.encode(texts, show_progress_bar=False), results)
+    timed(
+        f"embed {len(texts)} Alpaca prompts", lambda: encoder.encode(texts, show_progress_bar=False), results
+    )
 
 
 def main() -> None:
