@@ -10,12 +10,14 @@ import copy
 import difflib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from exemplar.errors import ConfigError
+
+_Options = TypeVar("_Options", bound=BaseModel)
 
 
 class _Strict(BaseModel):
@@ -85,6 +87,10 @@ class MaskConfig(_Strict):
     last_turn_only: bool = False  # train only the last trained-role message of each conversation
     train_on_everything: bool = False  # every token trained (prompt included)
     train_stop_token: bool = True  # the token that closes each trained turn (e.g. <|im_end|>)
+    # as_rendered: each conversation is one example, rendered whole (a template may drop the
+    # reasoning of earlier turns, as at inference); every_turn: each trained turn becomes its own
+    # example, the conversation up to it rendered with it last, so every turn's reasoning is trained.
+    reasoning: Literal["as_rendered", "every_turn"] = "as_rendered"
 
 
 class LoraConfig(_Strict):
@@ -167,8 +173,123 @@ class FilterConfig(_Strict):
     invalid_characters: bool = True
 
 
+class SelectOptions(_Strict):
+    """`exemplar curate select` and a `select:` stage of `curate run` (curate/select.py says how)."""
+
+    n: int = Field(gt=0)  # rows to keep
+    by: Literal["diversity", "score", "score+diversity"] = "diversity"
+    score: str | None = None  # the meta.scores NAME ranked by (by score, score+diversity)
+    method: Literal["k-center", "clusters"] = "k-center"  # how diversity is had
+    on: Literal["prompt", "response", "both"] = "prompt"  # the text embedded
+    clusters: int | None = Field(None, gt=0)  # k-means clusters; None: min(n, sqrt(rows), 100)
+    min_distance: float = Field(0.1, ge=0, le=2)  # Deita: cosine distance to every kept row above this
+    seed: int = 0
+    model: str | None = None  # a sentence-transformers folder; None: all-MiniLM-L6-v2
+
+    @model_validator(mode="after")
+    def _score_named(self) -> SelectOptions:
+        if self.by != "diversity" and not self.score:
+            raise ValueError(f"by: {self.by} ranks by a score: name it (score: NAME, of meta.scores.NAME)")
+        return self
+
+
+class FilterStage(_Strict):
+    rules: FilterConfig | None = None  # the keys given replace those of curate.filter for this stage
+    min_scores: dict[str, float] = Field(default_factory=dict)  # remove rows with meta.scores.NAME below
+    tokenizer: str | None = None  # for the token length rules; None: the config's
+
+
+class DedupStage(_Strict):
+    method: Literal["exact", "minhash", "semantic"] = "exact"
+    threshold: float | None = Field(None, gt=0, le=1)  # None: 0.8 minhash, 0.95 semantic
+    on: Literal["prompt", "response", "both"] = "both"
+    model: str | None = None  # semantic: a sentence-transformers folder
+
+
+class ScoreStage(_Strict):
+    scorers: list[str] = Field(min_length=1)  # specs, as `exemplar curate score --scorer`
+    batch_size: int = Field(32, gt=0)
+
+
+class CurateStage(_Strict):
+    """One entry of curate.stages: a mapping with one key, the stage, e.g. `dedup: {method: minhash}`."""
+
+    filter: FilterStage | None = None
+    dedup: DedupStage | None = None
+    score: ScoreStage | None = None
+    select: SelectOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_stage(cls, value: Any) -> Any:
+        if not isinstance(value, dict) or len(value) != 1:
+            got = list(value) if isinstance(value, dict) else type(value).__name__
+            raise ValueError(
+                f"a stage is a mapping with one key, one of {', '.join(cls.model_fields)} (got {got})"
+            )
+        return {kind: {} if options is None else options for kind, options in value.items()}
+
+    def kind(self) -> tuple[str, BaseModel]:
+        """(the stage's name, its options)."""
+        return next((k, v) for k in type(self).model_fields if (v := getattr(self, k)) is not None)
+
+
+class ScoreConfig(_Strict):
+    """`exemplar curate score` options (README "Scoring")."""
+
+    rubric: str | None = None  # the judge's rubric file; None: exemplar/assets/judge_rubric.txt
+    judge_max_new_tokens: int = Field(256, ge=1)  # room for the rationale and the "Score: N" line
+
+
 class CurateConfig(_Strict):
     filter: FilterConfig = Field(default_factory=FilterConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    out: str = "curated"  # `curate run`: stage folders OUT/01-filter, OUT/02-dedup, ... (beside the config)
+    stages: list[CurateStage] = Field(default_factory=list)  # `curate run`, in order
+
+
+class EvalConfig(_Strict):
+    """`eval:`: `exemplar eval` on the exported model at the end of `exemplar train` (README "Evaluation").
+
+    The same options as the command; paths are relative to the config's folder. The rows are
+    `base` (default: the config's model.path, none for a model built from_config), `BASE+Kshot`
+    with `few_shot`, `name` (the trained model) and any `models`. Written to OUTPUT/eval/.
+    """
+
+    data: str  # held-out conversations (any supported format); the last message is the reference
+    name: str = "tuned"  # the trained model's row
+    base: str | bool = True  # True: model.path as "base"; a folder or URL#served-name; False: none
+    models: dict[str, str] = Field(default_factory=dict)  # more rows: NAME -> folder or URL#served-name
+    general: str | None = None  # general text: NLL for forgetting
+    few_shot: int = Field(0, ge=0)  # the base with K worked examples
+    shots: str | None = None  # where the few-shot examples come from (default: `data`)
+    max_new_tokens: int = Field(256, gt=0)
+    temperature: float = Field(0.0, ge=0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0  # sampling seed (with temperature > 0)
+    batch_size: int = Field(8, gt=0)  # prompts per model.generate call
+    regex: str | None = None  # also score whether each response matches it
+    json_schema: str | None = None  # a JSON-schema file: also score conformance
+    verifier: str | None = None  # module:function, f(record, response) -> bool or number
+    judge: str | None = None  # NAME=URL#served-name or NAME=FOLDER
+    judge_prompt: str | None = None  # the judge's prompt template file (default: shipped)
+    reference: str | None = None  # the row the judge compares against (default: the references)
+    lm_eval_tasks: list[str] = Field(default_factory=list)  # lm-evaluation-harness task files (eval extra)
+    lm_eval_limit: int | None = Field(None, gt=0)
+    bootstrap_seed: int = 0
+    device: str | None = None  # default: cuda when available
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        import re
+
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression: {e}") from None
+        return value
 
 
 class Config(_Strict):
@@ -184,6 +305,7 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = "runs/exemplar"
     curate: CurateConfig = Field(default_factory=CurateConfig)
+    eval: EvalConfig | None = None  # evaluate the exported model at the end of training
 
     # Where relative paths in the config are resolved from (the YAML file's folder).
     base_dir: str | None = Field(None, exclude=True)
@@ -279,7 +401,19 @@ def validate_config(raw: dict[str, Any], base_dir: str | None = None, source: st
     config.base_dir = base_dir
     # Outputs land beside the config, like every other relative path in it.
     config.output_dir = config.resolve_path(config.output_dir)
+    if config.eval is not None:  # files, models and the verifier: found now, not after training
+        from exemplar.evaluate.config_section import check_eval_section
+
+        check_eval_section(config, source)
     return config
+
+
+def parse_options(options: type[_Options], source: str, **values: Any) -> _Options:
+    """Command-line options checked by a config model: the same bounds and messages as in a config."""
+    try:
+        return options.model_validate(values)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
 
 
 def format_validation_error(error: ValidationError, source: str) -> str:

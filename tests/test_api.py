@@ -18,17 +18,10 @@ import exemplar
 from exemplar.data.formats import CONVERTERS
 from exemplar.errors import ConfigError, DataError
 from exemplar.quickstart import tokenizer_path
+from tests.train_helpers import TINY_LLAMA
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-TINY = {
-    "model_type": "llama",
-    "vocab_size": 3072,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
+TINY = TINY_LLAMA
 ROWS = [
     {"instruction": f"Reverse: {w}", "output": w[::-1]}
     for w in ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot")

@@ -145,4 +145,7 @@ def test_real_data_loads_validates_and_previews(tmp_path, shared_data, name, row
     assert main(["data", "preview", str(config), "--json", "--limit", "0"]) == 0
     items = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [item["index"] for item in items] == list(range(rows))
-    assert all(any(label != IGNORE_INDEX for label in item["labels"]) for item in items)
+    kept = [item for item in items if "dropped" not in item]
+    assert all(any(label != IGNORE_INDEX for label in item["labels"]) for item in kept)
+    # a dropped row is {"index", "format", "dropped"}: here only rows over max_length
+    assert {item["dropped"] for item in items if "dropped" in item} <= {"too_long"}

@@ -89,3 +89,37 @@ def make_config(output_dir: Path | str, *overrides: str, **mapping) -> Config:
         output_dir=str(output_dir),
         **mapping,
     )
+
+
+# A random-weight Llama for `model.from_config` that the project's asset tokenizer fits.
+TINY_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 3072,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+
+def write_run_config(tmp_path: Path, files: list[Path], **extra) -> Path:
+    """A YAML config that trains TINY_LLAMA for 2 steps on `files` with the asset tokenizer
+    (ChatML), as a user writes one for `exemplar data ...` and `exemplar train`."""
+    import yaml
+
+    from exemplar.quickstart import tokenizer_path
+
+    config = {
+        "model": {"from_config": TINY_LLAMA},
+        "tokenizer": tokenizer_path(),
+        "chat_template": "chatml",
+        "data": {"train": [{"path": str(f)} for f in files], "cache_dir": str(tmp_path / "cache")},
+        "max_length": 256,
+        "train": {"micro_batch_size": 4, "max_steps": 2, "lr": 1e-3},
+        "output_dir": str(tmp_path / "out"),
+        **extra,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

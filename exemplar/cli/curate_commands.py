@@ -52,6 +52,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     mix.add_argument("--config", default=None)
     mix.add_argument("--no-progress", action="store_true")
     mix.set_defaults(handler=run_mix)
+    from exemplar.cli import curate_select_commands  # select and run (imports this module's helpers)
+
+    curate_select_commands.register(verbs)
+
+    from exemplar.cli import curate_score_commands
+
+    curate_score_commands.register(verbs)
 
 
 def _common(parser: argparse.ArgumentParser, many: bool) -> None:

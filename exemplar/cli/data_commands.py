@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -15,8 +16,12 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     preview = verbs.add_parser("preview", help="show each example's tokens, trained ones highlighted")
     add_config_arguments(preview)
-    preview.add_argument("--limit", type=int, default=5, help="examples to show (default 5; 0 for all)")
-    preview.add_argument("--json", action="store_true", help="one JSON object per example on stdout")
+    preview.add_argument("--limit", type=int, default=5, help="rows to show (default 5; 0 for all)")
+    preview.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON object per example on stdout: index, format, input_ids, labels (or "dropped")',
+    )
     preview.add_argument("--no-color", action="store_true", help="plain text: trained spans in [[ ]]")
     preview.set_defaults(handler=run_preview)
 
@@ -24,7 +29,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_config_arguments(validate)
     validate.set_defaults(handler=run_validate)
 
-    stats = verbs.add_parser("stats", help="rows, token lengths, trained share, drops")
+    stats = verbs.add_parser(
+        "stats",
+        help="rows, token lengths, trained share, drops; given a curation stage folder (or its "
+        "kept.jsonl): its removal reasons and score histograms",
+    )
     add_config_arguments(stats)
     stats.add_argument("--json", action="store_true", help="print the statistics as JSON")
     stats.set_defaults(handler=run_stats)
@@ -64,19 +73,25 @@ def run_preview(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    from exemplar.data.formats import describe_format
     from exemplar.data.inspect import validate
 
     result = validate(_config(args))
     for problem in result.problems:
         print(problem, file=sys.stderr)
+    for file, fmt in result.formats.items():
+        print(f"{file}: format {describe_format(fmt)}")
     status = "ok" if result.ok else f"{len(result.problems)} invalid"
     print(f"{result.rows} rows in {len(result.files)} file(s) checked: {status}")
     return 0 if result.ok else 1
 
 
 def run_stats(args: argparse.Namespace) -> int:
+    from exemplar.curate.stats import run_curation_stats, stage_folder
     from exemplar.data.inspect import compute_stats, format_stats
 
+    if Path(args.config).is_dir() or stage_folder(args.config):  # a curation stage, not a config
+        return run_curation_stats(args.config, args.json)
     stats = compute_stats(_config(args), progress=not args.json)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0

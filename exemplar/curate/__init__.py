@@ -1,6 +1,6 @@
 """Data curation: stages that read conversation records and write what they keep and remove.
 
-Every stage (`dedup`, `filter`, `mix`; scoring and selection come later) writes one folder
+Every stage (`dedup`, `filter`, `mix`, `score`, `select`; `curate run` chains them) writes one folder
 (curate/io.py): `kept.jsonl` (records), `removed.jsonl` (each removed record with
 `meta.removed_by`, `meta.reason`) and `summary.json` (`{"in", "kept", "removed": {reason: count}}`),
 which is written last and is the mark that the stage finished.

@@ -19,6 +19,7 @@ Memory: hashes, signatures or embeddings of the kept rows, never the rows.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -218,16 +219,28 @@ def default_model_path() -> str:
     return str(package.get_model_path())
 
 
-def _semantic(records: Iterable[Record], on: On, threshold: float, model: str | None) -> Iterator[Decision]:
-    from exemplar.curate.parallel import chunked
+def load_encoder(model: str | None, what: str):
+    """The sentence-transformers model at the local folder `model` (default: all-MiniLM-L6-v2)."""
+    require("sentence_transformers", what)
+    return _encoder(model or default_model_path())
+
+
+@functools.lru_cache(maxsize=2)  # stages run one after another in a process (curate run) share it
+def _encoder(path: str):
+    import sentence_transformers as st
+
     from exemplar.errors import ExemplarError
 
-    st = require("sentence_transformers", "semantic dedup")
-    path = model or default_model_path()
     try:
-        encoder = st.SentenceTransformer(path, device="cpu" if not _cuda() else None, local_files_only=True)
+        return st.SentenceTransformer(path, device="cpu" if not _cuda() else None, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ExemplarError(f"cannot load the embedding model from '{path}': {e}") from None
+
+
+def _semantic(records: Iterable[Record], on: On, threshold: float, model: str | None) -> Iterator[Decision]:
+    from exemplar.curate.parallel import chunked
+
+    encoder = load_encoder(model, "semantic dedup")
     kept = np.zeros((0, encoder.get_embedding_dimension()), dtype=np.float32)
     count = 0
     kept_sources: list[dict[str, Any]] = []

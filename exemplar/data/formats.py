@@ -9,6 +9,8 @@ Formats (see `detect_format` for how "auto" decides):
 - "prompt_completion": `{"prompt", "completion"}`, each a string or a list of messages
 - "text": `{"text"}` for continued pre-training
 - "tokenized": `{"input_ids", "labels"?}`
+- "preference": `{"chosen", "rejected", "prompt"?}` (DPO data, see data/preference.py): trained on
+  the prompt + `chosen`; `rejected` is ignored
 
 `CONVERTERS` is the format registry: the built-in formats are its first entries, and
 `exemplar.register_format` (data/registry.py) adds a user's own. A row's `meta` object (the
@@ -30,7 +32,10 @@ from exemplar.data.readers import Resolve, iter_rows, json_type
 from exemplar.data.schema import Conversation, Example, Message, SourceRow, TextDocument, TokenizedExample
 from exemplar.errors import DataError, RowError
 
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokenized")
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokenized", "preference")
+
+# What a format means for training, where that is not obvious: printed beside the format's name.
+FORMAT_NOTES = {"preference": "preference rows: training on `chosen`, `rejected` ignored"}
 
 # Keys that `columns:` may map (canonical name -> the name used in the file).
 ROW_FIELDS = (
@@ -47,6 +52,9 @@ ROW_FIELDS = (
     "text",
     "input_ids",
     "labels",
+    "chosen",
+    "rejected",
+    "question",
 )
 MESSAGE_FIELDS = ("role", "content")  # keys inside each message / ShareGPT turn
 MAPPABLE = ROW_FIELDS + MESSAGE_FIELDS
@@ -72,11 +80,23 @@ SHAREGPT_ROLES = {
     "function": "tool",
 }
 MEDIA_PART_TYPES = ("image", "image_url", "input_image", "audio", "input_audio", "video", "file")
+# Content parts that carry an assistant's reasoning (-> Message.reasoning_content).
+REASONING_PART_TYPES = ("reasoning", "thinking")
+PART_TYPES = ("text", *REASONING_PART_TYPES, "tool_call")
+# Message-level names of the reasoning: OpenAI-compatible servers' `reasoning_content`, and the
+# `reasoning` / `thinking` fields other tools write.
+REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
 
 SHAPES_HELP = (
     "messages (OpenAI chat), conversations (ShareGPT), instruction + output (Alpaca), "
-    "prompt + completion, text, input_ids (pre-tokenized)"
+    "prompt + completion, chosen + rejected (preference), text, input_ids (pre-tokenized)"
 )
+
+
+def describe_format(fmt: str) -> str:
+    """A format's name, with what it means for training where that is not obvious."""
+    note = FORMAT_NOTES.get(fmt)
+    return f"{fmt} ({note})" if note else fmt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,14 +170,19 @@ def detect_format(
 ) -> str:
     """The format a row has, decided by which (mapped) keys it holds.
 
-    Complete shapes win first, in this order: messages, conversations, instruction + output,
-    prompt + completion, input_ids, text. Failing those, a row with only part of a shape
-    (instruction without output, ...) gets that format, so that the conversion names the
-    missing field instead of a vague "unknown shape". A `messages` list whose turns use
-    ShareGPT's from/value keys is "sharegpt". `source` only adds file and location to errors.
+    Complete shapes win first, in this order: chosen + rejected (preference rows carry their
+    prompt in any of the other shapes' fields, so they come first), messages, conversations,
+    instruction + output, prompt + completion, input_ids, text. Failing those, a row with only
+    part of a shape (instruction without output, chosen without rejected, ...) gets that format,
+    so that the conversion names the missing field instead of a vague "unknown shape". A
+    `messages` list whose turns use ShareGPT's from/value keys is "sharegpt". `source` only adds
+    file and location to errors.
     """
     names = _Names(columns) if columns else _NO_COLUMNS
     has = lambda canonical: names.present(row, canonical)  # noqa: E731
+    chosen, rejected = (preference_key(row, names, side) is not None for side in ("chosen", "rejected"))
+    if chosen and rejected:
+        return "preference"
     if has("messages"):
         return "sharegpt" if _turns_look_sharegpt(row[names("messages")], names) else "messages"
     if has("conversations"):
@@ -171,6 +196,8 @@ def detect_format(
     for fmt, fields in complete:
         if all(has(f) for f in fields):
             return fmt
+    if chosen or rejected:
+        return "preference"
     for fmt, fields in complete[:2]:
         if any(has(f) for f in fields):
             return fmt
@@ -183,6 +210,16 @@ def detect_format(
     if source is None:
         raise RowError("(row)", "unknown location", None, message)
     raise RowError(source.file, source.location, None, message)
+
+
+def preference_key(row: Mapping[str, Any], names: _Names, side: str) -> str | None:
+    """The row's key of `chosen` or `rejected` (side), None when absent. Unless `columns:` maps
+    the side, LLaMA-Factory's `chosen_messages` / `rejected_messages` also count."""
+    if names.present(row, side):
+        return names(side)
+    if side not in names.columns and row.get(f"{side}_messages") is not None:
+        return f"{side}_messages"
+    return None
 
 
 def _turns_look_sharegpt(turns: Any, names: _Names) -> bool:
@@ -202,9 +239,10 @@ def to_example(source: SourceRow, fmt: str, columns: Mapping[str, str] | None = 
     `fmt` is one of FORMATS (or "auto" to detect it from this row alone). `columns` maps
     canonical names to the file's names. Mappable row-level keys: messages, conversations,
     system, tools, instruction, input, output, history, prompt, completion, text, input_ids,
-    labels. Mappable keys inside each message or ShareGPT turn: role and content (defaults
-    role/content for OpenAI messages, from/value for ShareGPT). Other message keys
-    (tool_calls, reasoning_content, train, weight, name, tool_call_id) keep their OpenAI names.
+    labels, chosen, rejected, question. Mappable keys inside each message or ShareGPT turn: role
+    and content (defaults role/content for OpenAI messages, from/value for ShareGPT). Other
+    message keys (tool_calls, reasoning_content or its aliases reasoning / thinking, train,
+    weight or loss_weight, name, tool_call_id) keep their names.
 
     Raises RowError naming the field path (in the file's names) of the first problem.
     """
@@ -246,20 +284,43 @@ def _openai_message(ctx: _Ctx, path: str, message: Any, role_key: str, content_k
     calls = message.get("tool_calls")
     if calls is not None and role != "assistant":
         raise ctx.error(f"{path}.tool_calls", f"only assistant messages can have tool_calls, not '{role}'")
-    tool_calls = _tool_calls(ctx, f"{path}.tool_calls", calls)
-    content = _content(ctx, f"{path}.{content_key}", message.get(content_key), role, bool(tool_calls))
-    msg = Message(role=role, content=content, tool_calls=tool_calls, train=_train_flag(ctx, path, message))
-    reasoning = message.get("reasoning_content")
-    if reasoning is not None:
-        if role != "assistant":
-            raise ctx.error(
-                f"{path}.reasoning_content", f"only assistant messages have reasoning, not '{role}'"
-            )
-        msg.reasoning_content = _require_str(ctx, f"{path}.reasoning_content", reasoning)
+    msg = _message(ctx, path, message, role, content_key, _tool_calls(ctx, f"{path}.tool_calls", calls))
     if role == "tool":
         msg.name = _optional_str(ctx, f"{path}.name", message.get("name"))
         msg.tool_call_id = _optional_str(ctx, f"{path}.tool_call_id", message.get("tool_call_id"))
     return msg
+
+
+def _message(
+    ctx: _Ctx,
+    path: str,
+    message: Mapping[str, Any],
+    role: str,
+    content_key: str,
+    calls: list[dict[str, Any]] | None,
+) -> Message:
+    """A message from its content (a string or a list of parts), reasoning fields and calls."""
+    value = message.get(content_key)
+    if type(value) is str and not _has_reasoning_field(message):  # the common case, kept fast
+        if role == "assistant" and not calls and not value.strip():
+            _check_not_empty(ctx, f"{path}.{content_key}", value, value, role, calls, None)
+        return Message(role, value, calls, _train_flag(ctx, path, message))
+    content_path = f"{path}.{content_key}"
+    body = _Body(ctx, content_path, value, role)
+    calls = (calls or []) + body.tool_calls or None
+    reasoning = _reasoning(ctx, path, message, role, body)
+    _check_not_empty(ctx, content_path, value, body.text, role, calls, reasoning)
+    return Message(
+        role=role,
+        content=body.text,
+        tool_calls=calls,
+        train=_train_flag(ctx, path, message),
+        reasoning_content=reasoning,
+    )
+
+
+def _has_reasoning_field(message: Mapping[str, Any]) -> bool:
+    return "reasoning_content" in message or "reasoning" in message or "thinking" in message
 
 
 def _role(ctx: _Ctx, path: str, value: Any, accepted: Mapping[str, str]) -> str:
@@ -273,24 +334,37 @@ def _role(ctx: _Ctx, path: str, value: Any, accepted: Mapping[str, str]) -> str:
     return role
 
 
-def _content(ctx: _Ctx, path: str, value: Any, role: str, has_calls: bool) -> str:
-    """A message's text: a string, or a list of text parts joined with ""."""
-    if value is None:
-        if role == "assistant" and has_calls:
-            return ""
-        raise ctx.error(path, "missing content (only an assistant message with tool_calls may omit it)")
-    if isinstance(value, list):
-        text = "".join(_text_part(ctx, f"{path}[{j}]", part) for j, part in enumerate(value))
-    elif isinstance(value, str):
-        text = value
-    else:
-        raise ctx.error(path, f"content must be a string or a list of text parts, got {json_type(value)}")
-    if role == "assistant" and not has_calls and not text.strip():
-        raise ctx.error(path, "assistant message is empty (no content and no tool_calls)")
-    return text
+class _Body:
+    """A message's content: a string, or a list of parts joined in order with "" per kind:
+    `text` parts (text under `text` or `value`), `reasoning` / `thinking` parts (the reasoning),
+    `tool_call` parts (a call as an object or a JSON string, under `value`, or the part itself)."""
+
+    def __init__(self, ctx: _Ctx, path: str, value: Any, role: str):
+        self.text = ""
+        self.reasoning: list[str] = []
+        self.tool_calls: list[dict[str, Any]] = []
+        self.reasoning_path = path
+        if value is None:
+            return
+        if isinstance(value, str):
+            self.text = value
+        elif isinstance(value, list):
+            texts = []
+            for j, part in enumerate(value):
+                kind = _part_type(ctx, f"{path}[{j}]", part, role)
+                if kind == "text":
+                    texts.append(_part_text(ctx, f"{path}[{j}]", part, ("text", "value")))
+                elif kind in REASONING_PART_TYPES:
+                    self.reasoning.append(_part_text(ctx, f"{path}[{j}]", part, ("text", "value", kind)))
+                    self.reasoning_path = f"{path}[{j}]"
+                else:
+                    self.tool_calls.append(_tool_call_part(ctx, f"{path}[{j}]", part))
+            self.text = "".join(texts)
+        else:
+            raise ctx.error(path, f"content must be a string or a list of parts, got {json_type(value)}")
 
 
-def _text_part(ctx: _Ctx, path: str, part: Any) -> str:
+def _part_type(ctx: _Ctx, path: str, part: Any, role: str) -> str:
     if not isinstance(part, Mapping):
         raise ctx.error(
             path,
@@ -301,11 +375,77 @@ def _text_part(ctx: _Ctx, path: str, part: Any) -> str:
         raise ctx.error(
             path, f"content part of type '{kind}': images/audio are not supported (text-only SFT)"
         )
-    if kind != "text":
+    if kind not in PART_TYPES:
         raise ctx.error(
-            f"{path}.type", f"unknown content part type {kind!r}; only 'text' parts are supported"
+            f"{path}.type", f"unknown content part type {kind!r}; accepted: {', '.join(PART_TYPES)}"
         )
-    return _require_str(ctx, f"{path}.text", part.get("text"))
+    if kind != "text" and role != "assistant":
+        raise ctx.error(f"{path}.type", f"a '{kind}' part belongs in an assistant message, not '{role}'")
+    return kind
+
+
+def _part_text(ctx: _Ctx, path: str, part: Mapping[str, Any], keys: tuple[str, ...]) -> str:
+    """A part's text, under the first of `keys` it has."""
+    for key in keys:
+        if part.get(key) is not None:
+            return _require_str(ctx, f"{path}.{key}", part[key])
+    accepted = " or ".join(f"'{k}'" for k in keys)
+    raise ctx.error(f"{path}.{keys[0]}", f"a '{part.get('type')}' part needs its text under {accepted}")
+
+
+def _tool_call_part(ctx: _Ctx, path: str, part: Mapping[str, Any]) -> dict[str, Any]:
+    """A `tool_call` part: the call under `value` (an object, or a JSON string of one, as in
+    LLaMA-Factory's data), or the part itself in the OpenAI or flat {"name", "arguments"} form."""
+    if part.get("value") is None:
+        return _tool_call(ctx, path, {k: v for k, v in part.items() if k != "type"})
+    value_path = f"{path}.value"
+    return _tool_call(ctx, value_path, _parsed(ctx, value_path, part["value"], "tool_call value"))
+
+
+def _parsed(ctx: _Ctx, path: str, value: Any, what: str) -> Any:
+    """A value that may be given as a JSON string (tool calls, arguments, tools), parsed."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ctx.error(path, f"{what} is not valid JSON: {e.msg} (column {e.colno})") from None
+
+
+def _reasoning(ctx: _Ctx, path: str, message: Mapping[str, Any], role: str, body: _Body | None) -> str | None:
+    """The reasoning: one of the REASONING_FIELDS, or the content's reasoning parts (not both)."""
+    if body is None or not body.reasoning:
+        if not _has_reasoning_field(message):
+            return None
+        body = None
+    given = [key for key in REASONING_FIELDS if message.get(key) is not None]
+    if body is not None:
+        given.append("reasoning parts")
+    if len(given) > 1:
+        raise ctx.error(
+            f"{path}.{given[1]}" if given[1] in REASONING_FIELDS else body.reasoning_path,
+            f"the reasoning is given twice ({' and '.join(given)}); keep one",
+        )
+    if not given:
+        return None
+    if role != "assistant":
+        raise ctx.error(f"{path}.{given[0]}", f"only assistant messages have reasoning, not '{role}'")
+    if body is not None:
+        return "".join(body.reasoning)
+    return _require_str(ctx, f"{path}.{given[0]}", message[given[0]])
+
+
+def _check_not_empty(
+    ctx: _Ctx, path: str, value: Any, text: str, role: str, calls: Any, reasoning: str | None
+) -> None:
+    """Only an assistant message with tool calls or reasoning may have no content."""
+    reasoned = bool(reasoning and reasoning.strip())
+    if value is None and not (role == "assistant" and (calls or reasoned)):
+        raise ctx.error(
+            path, "missing content (only an assistant message with tool_calls or reasoning may omit it)"
+        )
+    if role == "assistant" and not calls and not reasoned and not text.strip():
+        raise ctx.error(path, "assistant message is empty (no content, tool_calls or reasoning)")
 
 
 def _tool_calls(ctx: _Ctx, path: str, value: Any) -> list[dict[str, Any]] | None:
@@ -351,31 +491,31 @@ def _tool_call(ctx: _Ctx, path: str, call: Any) -> dict[str, Any]:
 def _arguments(ctx: _Ctx, path: str, value: Any) -> dict[str, Any]:
     if value is None:
         return {}
-    if isinstance(value, str):
-        if not value.strip():
-            return {}
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ctx.error(path, f"arguments string is not valid JSON: {e.msg} (column {e.colno})") from None
+    if isinstance(value, str) and not value.strip():
+        return {}
+    value = _parsed(ctx, path, value, "arguments string")
     if not isinstance(value, Mapping):
         raise ctx.error(path, f"arguments must be a JSON object, got {json_type(value)}")
     return dict(value)
 
 
 def _train_flag(ctx: _Ctx, path: str, message: Mapping[str, Any]) -> bool | None:
-    """Per-message `train` (bool) or `weight` (0 or 1) forcing the message (un)trained."""
-    train, weight = message.get("train"), message.get("weight")
+    """Per-message `train` (bool) or `weight` (0 or 1; LLaMA-Factory writes `loss_weight`)
+    forcing the message (un)trained."""
+    train = message.get("train")
     if train is not None and not isinstance(train, bool):
         raise ctx.error(f"{path}.train", f"train must be true or false, got {json_type(train)}")
-    if weight is not None:
+    for key in ("weight", "loss_weight"):
+        weight = message.get(key)
+        if weight is None:
+            continue
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
             raise ctx.error(
-                f"{path}.weight",
-                f"weight must be 0 or 1 (fractional loss weights are not supported), got {weight!r}",
+                f"{path}.{key}",
+                f"{key} must be 0 or 1 (fractional loss weights are not supported), got {weight!r}",
             )
         if train is not None and train != bool(weight):
-            raise ctx.error(f"{path}.weight", f"weight {weight!r} contradicts train {train!r}")
+            raise ctx.error(f"{path}.{key}", f"{key} {weight!r} contradicts train {train!r}")
         train = bool(weight)
     return train
 
@@ -386,13 +526,9 @@ def _tools(ctx: _Ctx) -> list[dict[str, Any]] | None:
     value = ctx.row.get(key)
     if value is None:
         return None
-    if isinstance(value, str):
-        if not value.strip():
-            return None
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ctx.error(key, f"tools string is not valid JSON: {e.msg} (column {e.colno})") from None
+    if isinstance(value, str) and not value.strip():
+        return None
+    value = _parsed(ctx, key, value, "tools string")
     if isinstance(value, Mapping):
         value = [value]  # a single schema
     if not isinstance(value, list):
@@ -437,23 +573,17 @@ def _sharegpt_turn(ctx: _Ctx, path: str, turn: Any, role_key: str, content_key: 
         raise ctx.error(path, f"each turn must be an object, got {json_type(turn)}")
     speaker = turn.get(role_key)
     role = _role(ctx, f"{path}.{role_key}", speaker, SHAREGPT_ROLES)
-    train = _train_flag(ctx, path, turn)
     value_path, value = f"{path}.{content_key}", turn.get(content_key)
     if speaker.strip().lower() == "function_call":
         calls = _function_call_value(ctx, value_path, value)
-        return Message(role="assistant", content="", tool_calls=calls, train=train)
-    return Message(role=role, content=_content(ctx, value_path, value, role, False), train=train)
+        reasoning = _reasoning(ctx, path, turn, role, None)
+        return Message("assistant", "", calls, _train_flag(ctx, path, turn), reasoning_content=reasoning)
+    return _message(ctx, path, turn, role, content_key, None)
 
 
 def _function_call_value(ctx: _Ctx, path: str, value: Any) -> list[dict[str, Any]]:
     """A function_call turn's value: JSON of {"name", "arguments"} or a list of them."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ctx.error(
-                path, f"function_call value is not valid JSON: {e.msg} (column {e.colno})"
-            ) from None
+    value = _parsed(ctx, path, value, "function_call value")
     if isinstance(value, Mapping):
         value = [value]
     if not isinstance(value, list) or not value:
@@ -598,6 +728,12 @@ def _optional_str(ctx: _Ctx, path: str, value: Any) -> str | None:
     return None if value is None else _require_str(ctx, path, value)
 
 
+def _preference(ctx: _Ctx) -> Conversation:
+    from exemplar.data.preference import convert_preference  # it builds on this module's helpers
+
+    return convert_preference(ctx)
+
+
 # The format registry: name -> converter of one row. `exemplar.register_format` adds to it.
 CONVERTERS: dict[str, Callable[[_Ctx], Example]] = {
     "messages": _messages,
@@ -606,6 +742,7 @@ CONVERTERS: dict[str, Callable[[_Ctx], Example]] = {
     "prompt_completion": _prompt_completion,
     "text": _text,
     "tokenized": _tokenized,
+    "preference": _preference,
 }
 
 
@@ -614,17 +751,20 @@ CONVERTERS: dict[str, Callable[[_Ctx], Example]] = {
 
 
 def convert_all(
-    spec: DatasetSpec, resolve: Resolve = lambda p: p
+    spec: DatasetSpec,
+    resolve: Resolve = lambda p: p,
+    file_formats: dict[str, tuple[str, str]] | None = None,
 ) -> tuple[list[tuple[SourceRow, Example]], list[RowError]]:
     """Read and convert every row of a dataset, collecting every problem instead of the first.
 
     With `format: auto` each file's format is decided by its first row; a later row of another
     shape is a RowError (mixed formats in one file are almost always a mistake, and guessing per
     row would hide it). Raises DataError only when the source as a whole is unusable.
+    `file_formats`, when given, receives each file's format (see `convert_rows`).
     """
     examples: list[tuple[SourceRow, Example]] = []
     problems: list[RowError] = []
-    for item in iter_examples(spec, resolve):
+    for item in iter_examples(spec, resolve, file_formats):
         if isinstance(item, RowError):
             problems.append(item)
         else:
@@ -633,11 +773,13 @@ def convert_all(
 
 
 def iter_examples(
-    spec: DatasetSpec, resolve: Resolve = lambda p: p
+    spec: DatasetSpec,
+    resolve: Resolve = lambda p: p,
+    file_formats: dict[str, tuple[str, str]] | None = None,
 ) -> Iterator[tuple[SourceRow, Example] | RowError]:
     """`convert_all` one row at a time: (source, example), or the RowError in the row's place."""
     check_columns(spec.columns)
-    yield from convert_rows(iter_rows(spec, resolve), spec, {})
+    yield from convert_rows(iter_rows(spec, resolve), spec, {} if file_formats is None else file_formats)
 
 
 def convert_rows(
@@ -645,13 +787,18 @@ def convert_rows(
 ) -> Iterator[tuple[SourceRow, Example] | RowError]:
     """Convert read rows in order. `file_formats` (file -> (format, location that decided it))
     is the `format: auto` state so far: empty at the start of a dataset, or `format_decisions`
-    up to a row, to convert a slice of a dataset on its own exactly as in one pass."""
+    up to a row, to convert a slice of a dataset on its own exactly as in one pass. It also
+    tells the caller afterwards which format each file was read as (a forced `format:` too)."""
     for item in items:
         if isinstance(item, RowError):
             yield item
             continue
         try:
-            fmt = spec.format if spec.format != "auto" else _file_format(item, spec.columns, file_formats)
+            if spec.format != "auto":
+                fmt = spec.format
+                file_formats.setdefault(item.file, (fmt, item.location))
+            else:
+                fmt = _file_format(item, spec.columns, file_formats)
             example = to_example(item, fmt, spec.columns)
         except RowError as e:
             yield e

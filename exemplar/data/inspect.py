@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -15,9 +16,10 @@ import numpy as np
 from exemplar.config import Config
 from exemplar.data.encode import Encoder
 from exemplar.data.formats import convert_all, iter_examples
-from exemplar.data.pipeline import build_masker, prepare_data
+from exemplar.data.pipeline import build_masker, prepare_data, splits_turns
 from exemplar.data.schema import IGNORE_INDEX, Conversation, Example, SourceRow
 from exemplar.data.tokenizer import TokenizerBundle, load_tokenizer
+from exemplar.data.turns import every_turn
 from exemplar.errors import RowError, TemplateError
 
 # ---------------------------------------------------------------------------------------------
@@ -26,50 +28,98 @@ from exemplar.errors import RowError, TemplateError
 
 @dataclass
 class PreviewItem:
-    index: int
+    index: int  # the row's position in the input (the training datasets in order, from 0)
     source: SourceRow
     input_ids: list[int]
     labels: list[int]
     dropped: str | None
+    format: str | None = None  # the format the row's file was read as
+    turn: int | None = None  # mask.reasoning every_turn: which of the row's examples (from 0)
 
 
 def preview_items(
     config: Config, limit: int | None = None, bundle: TokenizerBundle | None = None
 ) -> Iterator[PreviewItem]:
-    """Encode the first `limit` examples of the training datasets, in input order.
+    """Encode the first `limit` rows of the training datasets, in input order.
 
-    Over-long examples are shown in full with `dropped` set (or truncated, under the truncate policy).
+    Over-long examples are shown in full with `dropped` set (or truncated, under the truncate
+    policy); an invalid row is an item with `dropped` saying why, so every row keeps its index.
+    With `mask.reasoning: every_turn` a row gives one item per example made from it.
     """
     bundle = bundle or load_tokenizer(config)
     masker = build_masker(config, bundle)
     full = Encoder(bundle.tokenizer, masker, max_length=sys.maxsize)
     policy = Encoder(bundle.tokenizer, masker, config.max_length, config.truncation)
+    split = splits_turns(config.mask)
     index = 0
     for spec in config.data.train:
-        examples, problems = convert_all(spec, resolve=config.resolve_path)
-        if problems:
-            raise problems[0]
-        for start in range(0, len(examples), 256):
-            chunk = examples[start : start + 256]
-            if limit is not None:
-                chunk = chunk[: limit - index]
-            for (src, _), enc in zip(chunk, full.encode([ex for _, ex in chunk]), strict=True):
-                ids, labels, dropped = enc.input_ids, enc.labels, enc.drop_reason
-                if dropped is None:
-                    final = policy.finish(ids, labels)
-                    dropped = final.drop_reason
-                    if dropped is None:
-                        ids, labels = final.input_ids, final.labels
-                yield PreviewItem(index, src, ids, labels, dropped)
-                index += 1
-            if limit is not None and index >= limit:
-                return
+        decided: dict[str, tuple[str, str]] = {}
+        items = iter_examples(spec, config.resolve_path, decided)
+        while limit is None or index < limit:
+            chunk = list(itertools.islice(items, 256 if limit is None else min(256, limit - index)))
+            if not chunk:
+                break
+            planned = [
+                planned_item
+                for k, row in enumerate(chunk)
+                for planned_item in _plan(index + k, row, decided, masker, split)
+            ]
+            examples = [example for _, example in planned if example is not None]
+            encoded = iter(full.encode(examples))
+            for item, example in planned:
+                if example is not None:
+                    item.input_ids, item.labels, item.dropped = _finish(next(encoded), policy)
+                yield item
+            index += len(chunk)
+        if limit is not None and index >= limit:
+            return
+
+
+def _plan(index: int, item, decided, masker, split: bool) -> list[tuple[PreviewItem, Example | None]]:
+    """The preview items of one converted row, each with the example to encode (None: invalid)."""
+    if isinstance(item, RowError):
+        fmt = decided.get(item.file, (None,))[0]
+        where = SourceRow(item.file, item.location, index)
+        return [(PreviewItem(index, where, [], [], _invalid(item.field, item.message), fmt), None)]
+    src, example = item
+    fmt = decided.get(src.file, (None,))[0]
+    empty = masker.nothing_to_train(example) if isinstance(example, Conversation) else None
+    if empty is not None:
+        return [(PreviewItem(index, src, [], [], _invalid("messages", empty), fmt), None)]
+    if not (split and isinstance(example, Conversation)):
+        return [(PreviewItem(index, src, [], [], None, fmt), example)]
+    parts = every_turn(example, masker.trained_messages(example))
+    return [(PreviewItem(index, src, [], [], None, fmt, turn), part) for turn, part in enumerate(parts)]
+
+
+def _finish(enc, policy: Encoder) -> tuple[list[int], list[int], str | None]:
+    """An example encoded in full, then under the length policy: over-long ones stay whole."""
+    ids, labels, dropped = enc.input_ids, enc.labels, enc.drop_reason
+    if dropped is not None and enc.detail:
+        dropped = f"{dropped}: {enc.detail}"
+    if dropped is None:
+        final = policy.finish(ids, labels)
+        dropped = final.drop_reason
+        if dropped is None:
+            ids, labels = final.input_ids, final.labels
+    return ids, labels, dropped
+
+
+def _invalid(field: str | None, message: str) -> str:
+    return "invalid: " + (f"field '{field}': " if field else "") + message
 
 
 def preview_json(item: PreviewItem) -> str:
-    out: dict[str, Any] = {"index": item.index, "input_ids": item.input_ids, "labels": item.labels}
+    """One JSON line: index, format (and turn), then the tokens, or `dropped` with the reason."""
+    out: dict[str, Any] = {"index": item.index}
+    if item.format is not None:
+        out["format"] = item.format
+    if item.turn is not None:
+        out["turn"] = item.turn
     if item.dropped:
         out["dropped"] = item.dropped
+    else:
+        out["input_ids"], out["labels"] = item.input_ids, item.labels
     return json.dumps(out)
 
 
@@ -91,6 +141,10 @@ def render_preview(item: PreviewItem, tokenizer: Any, colour: bool) -> str:
     specials = set(tokenizer.all_special_ids)
     trained = [label != IGNORE_INDEX for label in item.labels]
     head = f"── example {item.index} ({item.source.file}, {item.source.location})"
+    if item.format:
+        head += f" · {item.format}"
+    if item.turn is not None:
+        head += f" · turn {item.turn}"
     head += f" · {len(item.input_ids)} tokens, {sum(trained)} trained"
     if item.dropped:
         head += f" · DROPPED: {item.dropped}"
@@ -149,6 +203,7 @@ class ValidationResult:
     rows: int = 0
     problems: list[RowError] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    formats: dict[str, str] = field(default_factory=dict)  # data file -> the format it was read as
 
     @property
     def ok(self) -> bool:
@@ -160,22 +215,34 @@ def validate(config: Config, bundle: TokenizerBundle | None = None) -> Validatio
     bundle = bundle or load_tokenizer(config)
     masker = build_masker(config, bundle)
     result = ValidationResult()
+    split = splits_turns(config.mask)
     for spec in [*config.data.train, *(config.data.eval or [])]:
-        examples, problems = convert_all(spec, resolve=config.resolve_path)
+        decided: dict[str, tuple[str, str]] = {}
+        examples, problems = convert_all(spec, config.resolve_path, decided)
         result.files.append(config.resolve_path(spec.path))
+        result.formats.update({file: fmt for file, (fmt, _) in decided.items()})
         result.rows += len(examples) + len(problems)
         result.problems += problems
         for src, ex in examples:
             if isinstance(ex, Conversation):
-                problem = masker.nothing_to_train(ex)
-                if problem is None:
-                    try:
-                        masker.render_pieces(ex)
-                    except TemplateError as e:
-                        problem = str(e)
+                problem = _conversation_problem(masker, ex, split)
                 if problem is not None:
                     result.problems.append(RowError(src.file, src.location, "messages", problem))
     return result
+
+
+def _conversation_problem(masker: Any, conv: Conversation, split: bool) -> str | None:
+    """Why a conversation cannot train: nothing trained, or the template cannot be followed
+    (with every_turn, in any of the examples made from it)."""
+    problem = masker.nothing_to_train(conv)
+    if problem is not None:
+        return problem
+    for part in every_turn(conv, masker.trained_messages(conv)) if split else [conv]:
+        try:
+            masker.render_pieces(part)
+        except TemplateError as e:
+            return str(e)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,8 +267,17 @@ def compute_stats(
     for report in prepared.reports:
         dropped.update(report.dropped)
     total = sum(lengths)
+    formats = {file: fmt for r in prepared.reports for file, fmt in r.formats.items()}
+    extra: dict[str, Any] = {}
+    if splits_turns(config.mask):
+        extra["every_turn"] = {
+            "examples": sum(r.turn_examples for r in prepared.reports),
+            "conversations": sum(r.turn_conversations for r in prepared.reports),
+        }
     return {
         "rows": sum(r.rows for r in prepared.reports),
+        "formats": formats,
+        **extra,
         "train_examples": len(prepared.train),
         "eval_examples": len(prepared.eval) if prepared.eval is not None else 0,
         "tokens": total,

@@ -33,19 +33,20 @@ from tqdm.auto import tqdm
 
 from exemplar.config import Config, DatasetSpec, load_config
 from exemplar.data.encode import Encoder
-from exemplar.data.formats import CONVERTERS, convert_rows, format_decisions
+from exemplar.data.formats import CONVERTERS, convert_rows, describe_format, format_decisions
 from exemplar.data.masking import ChatMasker
 from exemplar.data.registry import UserFormat, install, user_formats
-from exemplar.data.schema import Conversation
+from exemplar.data.schema import Conversation, SourceRow
 from exemplar.data.sources import Source, sources, train_sources
 from exemplar.data.tokenizer import TokenizerBundle, load_tokenizer
+from exemplar.data.turns import every_turn
 from exemplar.errors import DataError, RowError
 from exemplar.fsio import atomic_write_json, disk_full_guard
 
 log = logging.getLogger(__name__)
 
 # Bump when the encoding logic changes, so caches written by older code are not reused.
-PIPELINE_VERSION = "2"
+PIPELINE_VERSION = "3"
 # Below this many rows a single process is faster than starting workers.
 _PARALLEL_MIN_ROWS = 4096
 
@@ -61,9 +62,21 @@ class SourceReport:
     invalid: int = 0  # rows skipped as invalid (data.skip_invalid)
     invalid_examples: list[str] = field(default_factory=list)  # the first few problems
     cached: bool = False
+    formats: dict[str, str] = field(default_factory=dict)  # file -> the format it was read as
+    # mask.reasoning: every_turn: the examples made, and from how many conversations
+    turn_examples: int = 0
+    turn_conversations: int = 0
 
     def lines(self) -> list[str]:
         out = [f"{self.path}: {self.rows} rows, {self.kept} kept" + (" (cached)" if self.cached else "")]
+        for file, fmt in sorted(self.formats.items()):
+            label = "format" if len(self.formats) == 1 else f"format of {file}"
+            out.append(f"  {label}: {describe_format(fmt)}")
+        if self.turn_conversations:
+            out.append(
+                f"  mask.reasoning every_turn: {self.turn_examples} examples "
+                f"from {self.turn_conversations} conversations"
+            )
         for reason, count in sorted(self.dropped.items()):
             out.append(f"  dropped {count} ({reason})")
         if self.turns_without_stop:
@@ -211,7 +224,7 @@ def encode_source(
         return load_from_disk(str(folder / "data")), report
 
     with cyclic_gc_paused():
-        columns, where, problems = _encode_rows(source, encoder, path, config, progress)
+        (columns, where, problems), formats = _encode_rows(source, encoder, path, config, progress)
     if problems and not config.data.skip_invalid:
         shown = "\n".join(f"  {p}" for p in problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
@@ -220,6 +233,9 @@ def encode_source(
         raise DataError(f"{len(problems)} invalid rows in {path}{hint}:\n{shown}{more}", problems)
     ds, report = _dataset(columns, where, path, fingerprint=key)
     report.invalid, report.invalid_examples = len(problems), [str(p) for p in problems[:5]]
+    report.formats = formats
+    if splits_turns(config.mask):
+        _count_turn_examples(report, where)
     if use_cache:
         _write_cache(folder, ds, report)
     return ds, report
@@ -246,7 +262,8 @@ def cacheable(source: Source) -> bool:
 
 
 def _encode_rows(source: Source, encoder: Encoder, path: str, config: Config, progress: bool):
-    """Read, convert and encode every row: (columns, (file, location) per example, problems).
+    """Read, convert and encode every row: ((columns, (file, location) per example, problems),
+    the format of each file).
 
     One process: rows stream from the file through conversion and rendering while the tokenizer
     (on every core) works on the previous batch. num_proc > 1 (and enough rows): the rows are
@@ -260,9 +277,18 @@ def _encode_rows(source: Source, encoder: Encoder, path: str, config: Config, pr
     if num_proc > 1:
         rows = list(rows)
         if len(rows) >= _PARALLEL_MIN_ROWS:
-            return _encode_in_workers(encoder, rows, spec, num_proc, progress, desc)
+            return _encode_in_workers(encoder, rows, spec, num_proc, progress, desc), _formats_of(rows, spec)
+    decided: dict[str, tuple[str, str]] = {}
     with tqdm(desc=desc, unit=" examples", disable=not progress) as bar:
-        return encode_examples(encoder, convert_rows(rows, spec, {}), bar.update)
+        encoded = encode_examples(encoder, convert_rows(rows, spec, decided), bar.update)
+    return encoded, {file: fmt for file, (fmt, _) in decided.items()}
+
+
+def _formats_of(rows: list, spec: DatasetSpec) -> dict[str, str]:
+    """The format each file of the read rows is converted as (what one pass would decide)."""
+    if spec.format == "auto":
+        return {file: fmt for file, (_, fmt, _) in format_decisions(rows, spec).items()}
+    return {row.file: spec.format for row in rows if isinstance(row, SourceRow)}
 
 
 def encode_examples(encoder: Encoder, converted, on_batch=None):
@@ -271,6 +297,8 @@ def encode_examples(encoder: Encoder, converted, on_batch=None):
     A stage that reads or edits conversations (curation) sits between the two."""
     where: list[tuple[str, str]] = []
     problems: list[RowError] = []
+    masker = encoder.masker
+    split = masker is not None and splits_turns(masker.mask)
 
     def examples():
         for item in converted:
@@ -286,11 +314,28 @@ def encode_examples(encoder: Encoder, converted, on_batch=None):
             if empty is not None:
                 problems.append(RowError(src.file, src.location, "messages", empty))
                 continue
-            where.append((src.file, src.location))
-            yield example
+            parts = [example]
+            if split and isinstance(example, Conversation):
+                parts = every_turn(example, masker.trained_messages(example))
+            for part in parts:
+                where.append((src.file, src.location))
+                yield part
 
     columns = encoder.encode_columns(examples(), on_batch=on_batch)
     return columns, where, problems
+
+
+def splits_turns(mask: Any) -> bool:
+    """Whether `mask.reasoning: every_turn` makes an example of each trained turn (with every
+    token trained there are no turns to tell apart)."""
+    return mask.reasoning == "every_turn" and not mask.train_on_everything
+
+
+def _count_turn_examples(report: SourceReport, where: list[tuple[str, str]]) -> None:
+    """With every_turn, the examples of one row sit together in `where`: count the rows."""
+    rows = sum(1 for k, place in enumerate(where) if k == 0 or place != where[k - 1])
+    report.turn_examples, report.turn_conversations = len(where), rows
+    report.rows = rows
 
 
 def _dataset(columns, where: list[tuple[str, str]], path: str, fingerprint: str):

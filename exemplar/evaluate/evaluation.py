@@ -182,21 +182,32 @@ def pick_shots(k: int, n_rows: int, pool: Sequence[dict[str, Any]], same_as_data
 
 
 def _token_rows(
-    records: list[dict] | None, path: str | None, tokenizer: Any, options: EvalOptions, text: bool, limit: int
+    records: list[dict] | None,
+    path: str | None,
+    tokenizer: Any,
+    options: EvalOptions,
+    text: bool,
+    limit: int,
+    shots: bool = False,
 ):
-    """(row index -> (input_ids, labels)) from the training pipeline, and how many were dropped."""
+    """(row index -> (input_ids, labels)) from the training pipeline, and how many were dropped.
+
+    Few-shot rows may be longer than the config's max_length (the shots lengthen the prompt, not
+    the answer that is scored): they get the model's context instead, when that is longer."""
     from exemplar.config import load_config
     from exemplar.data.pipeline import prepare_data
 
     base = options.config
+    max_length = base.max_length if base else limit
     mapping: dict[str, Any] = {
         "data": {"train": [{"path": str(Path(path).resolve())}] if path else [], "num_proc": 1},
-        "max_length": base.max_length if base else limit,
+        "max_length": max(max_length, limit) if shots else max_length,
         # general text is scored on its first max_length tokens rather than dropped
         "truncation": "truncate" if text else (base.truncation if base else "drop"),
     }
     if base is not None:
-        mapping["mask"] = base.mask.model_dump()
+        # one scored example per held-out row: every_turn would make several of one row
+        mapping["mask"] = {**base.mask.model_dump(), "reasoning": "as_rendered"}
         mapping["special_tokens"] = list(base.special_tokens)
     config = load_config(None, **mapping)
     data = prepare_data(
@@ -228,12 +239,14 @@ def _generator(spec: ModelSpec, options: EvalOptions, out: Path) -> Generator:
     return HttpGenerator(spec.url, spec.served, cache_dir=out / "http_cache" / spec.name)
 
 
-def _likelihood(run: ModelRun, generator: Any, records, options: EvalOptions, key: str, path=None) -> None:
+def _likelihood(
+    run: ModelRun, generator: Any, records, options: EvalOptions, key: str, path=None, shots: bool = False
+) -> None:
     from exemplar.evaluate.heldout import response_nll
 
     positions = getattr(generator.model.config, "max_position_embeddings", None) or 2048
     rows, dropped = _token_rows(
-        records, path, generator.tokenizer, options, text=path is not None, limit=min(2048, positions)
+        records, path, generator.tokenizer, options, path is not None, min(2048, positions), shots
     )
     n = len(records) if records is not None else dropped + len(rows)
     order = sorted(rows)
@@ -396,7 +409,7 @@ def evaluate_models(
                 fs = _new_run(f"{spec.name}+{options.few_shot}shot", records, references)
                 fs.counts["examples"] = len(records)
                 if spec.local:
-                    _likelihood(fs, generator, shot_rows, options, "nll")
+                    _likelihood(fs, generator, shot_rows, options, "nll", shots=True)
                 _generate(fs, generator, shot_rows, references, options)
                 runs.append(fs)
         finally:

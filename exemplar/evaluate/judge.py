@@ -30,19 +30,25 @@ def default_prompt_path() -> Path:
 
 def load_judge_prompt(path: str | Path | None = None) -> str:
     path = Path(path) if path else default_prompt_path()
-    try:
-        template = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read the judge prompt {path}: {e}") from None
-    try:
-        named = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except ValueError as e:
-        raise ConfigError(f"{path}: not a valid template ({e}); double literal braces as {{{{ }}}}") from None
+    template, named = read_format_template(path, "the judge prompt")
     if named != FIELDS:
         raise ConfigError(
             f"{path}: the judge prompt must use exactly the fields {sorted(FIELDS)}, found {sorted(named)}"
         )
     return template
+
+
+def read_format_template(path: Path, what: str) -> tuple[str, set[str]]:
+    """A `str.format` template file and the field names it uses (the rubric of curate's judge too)."""
+    try:
+        template = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e}") from None
+    try:
+        named = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:
+        raise ConfigError(f"{path}: not a valid template ({e}); double literal braces as {{{{ }}}}") from None
+    return template, named
 
 
 def render(template: str, question: str, answer_a: str, answer_b: str) -> str:

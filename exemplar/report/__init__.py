@@ -21,11 +21,19 @@ log = logging.getLogger(__name__)
 
 
 def build_report(run_dir: str | Path) -> str:
-    """The report page of the run in `run_dir`, as HTML text."""
+    """The report page of the run in `run_dir` (or of the curation stage folder), as HTML text."""
+    from exemplar.curate.stats import curation_stats, stage_folder
+    from exemplar.report.curation_page import render_curation
     from exemplar.report.page import render
     from exemplar.report.run_record import versions
 
-    return render(read_run_folder(run_dir), versions())
+    try:
+        run = read_run_folder(run_dir)
+    except NotARunFolder:
+        if stage_folder(run_dir) is None:
+            raise
+        return render_curation(curation_stats(run_dir), versions())
+    return render(run, versions())
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -42,9 +50,17 @@ def record_run_data(config, prepared) -> None:
 
     try:
         write_config(config, config.output_dir)
-        write_data_stats(prepared, config.max_length, config.output_dir)
+        write_data_stats(prepared, config.max_length, config.output_dir, _curation_of(config))
     except Exception as e:  # noqa: BLE001 - any failure: the run goes on without these files
         log.warning("could not record the config and data statistics for the report: %s", e)
+
+
+def _curation_of(config) -> list[dict]:
+    """The statistics of each curation stage whose kept.jsonl (or folder) is a training dataset."""
+    from exemplar.curate.stats import curation_stats, stage_folder
+
+    paths = [config.resolve_path(spec.path) for spec in config.data.train]
+    return [curation_stats(path) for path in paths if stage_folder(path) is not None]
 
 
 def report_after_training(run_dir: str | Path) -> Path | None:

@@ -69,9 +69,7 @@ def render(run: RunFolder, versions_now: dict[str, str]) -> str:
     """The page for `run`; `versions_now` (this environment) stands in when the run recorded none."""
     title = f"Training report: {run.path.name or run.path}"
     body = [
-        f"<h1>{escape(title)}</h1>",
-        f"<p>Run folder <code>{escape(str(run.path))}</code> · "
-        f"report made {escape(datetime.datetime.now().isoformat(timespec='seconds'))}</p>",
+        *heading(title, "Run folder", str(run.path)),
         *_problems(run),
         _section("summary", "Summary", _summary(run)),
         _section("training", "Training curves", _curves(run)),
@@ -81,6 +79,20 @@ def render(run: RunFolder, versions_now: dict[str, str]) -> str:
         _section("config", "Config", _config(run)),
         _section("versions", "Versions", _versions(run, versions_now)),
     ]
+    return document(title, body)
+
+
+def heading(title: str, label: str, folder: str) -> list[str]:
+    """The page's title, and the folder it is about with the time it was made."""
+    made = datetime.datetime.now().isoformat(timespec="seconds")
+    return [
+        f"<h1>{escape(title)}</h1>",
+        f"<p>{escape(label)} <code>{escape(folder)}</code> · report made {escape(made)}</p>",
+    ]
+
+
+def document(title: str, body: list[str]) -> str:
+    """The whole page: head (title, style) and the body parts."""
     return (
         "<!DOCTYPE html>\n<html lang=en>\n<head>\n<meta charset=utf-8>\n"
         f"<title>{escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
@@ -163,6 +175,13 @@ def _data(run: RunFolder) -> list[str]:
     dropped = stats.get("dropped") or {}
     out.append("<h3>Dropped examples</h3>")
     out.append(_table(["reason", "examples"], sorted(dropped.items())) if dropped else "<p>None dropped.</p>")
+    for stage in stats.get("curation") or []:  # the training data came from a curation stage
+        from exemplar.report.curation_page import curation_parts
+
+        out.append(
+            f"<h3>Curation: {escape(str(stage.get('stage')))} stage in {escape(str(stage.get('folder')))}</h3>"
+        )
+        out += curation_parts(stage)
     sources = stats.get("sources") or []
     if sources:
         out.append("<h3>Sources</h3>")

@@ -60,6 +60,38 @@ def length_histogram(bins: list[dict[str, int]], title: str) -> bytes | None:
     return _png(fig)
 
 
+def reasons_chart(counts: dict[str, int], title: str) -> bytes | None:
+    """Horizontal bars, one per removal reason, the largest on top. None when nothing was removed."""
+    if not counts:
+        return None
+    items = sorted(counts.items(), key=lambda item: item[1])
+    height = max(_SIZE[1], 0.9 + 0.3 * len(items))  # a bar per reason stays readable
+    fig, axes = _figure(title, size=(_SIZE[0], height))
+    axes.barh([label for label, _ in items], [count for _, count in items])
+    axes.set_xlabel("rows removed")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return _png(fig)
+
+
+def score_histogram(bins: list[dict[str, Any]], title: str) -> bytes | None:
+    """Stacked bars of kept and removed rows per score bin (`exemplar.curate.stats.score_histogram`)."""
+    if not bins:
+        return None
+    fig, axes = _figure(title)
+    lefts = [b["from"] for b in bins]
+    widths = [(b["to"] - b["from"]) or 1.0 for b in bins]
+    kept = [b["kept"] for b in bins]
+    axes.bar(lefts, kept, width=widths, align="edge", edgecolor="white", label="kept")
+    removed = [b["removed"] for b in bins]
+    if any(removed):
+        axes.bar(lefts, removed, bottom=kept, width=widths, align="edge", edgecolor="white", label="removed")
+        axes.legend(loc="best", fontsize=8)
+    axes.set_xlabel("score")
+    axes.set_ylabel("rows")
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return _png(fig)
+
+
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
     steps, values = [], []
     for row in rows:
@@ -70,8 +102,8 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[flo
     return steps, values
 
 
-def _figure(title: str):
-    fig = Figure(figsize=_SIZE, dpi=_DPI, layout="constrained")
+def _figure(title: str, size: tuple[float, float] = _SIZE):
+    fig = Figure(figsize=size, dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.add_subplot()
     axes.set_title(title, fontsize=10)

@@ -49,7 +49,7 @@ def read_run_folder(path: str | Path) -> RunFolder:
     if not (path / METRICS_FILE).is_file() and not (path / SUMMARY_FILE).is_file():
         raise NotARunFolder(
             f"{path}: not a training run folder (it has neither {METRICS_FILE} nor {SUMMARY_FILE}); "
-            "give the output_dir of an `exemplar train` run"
+            "give the output_dir of an `exemplar train` run, or a curation stage folder"
         )
     run = RunFolder(path)
     _read_metrics(run)

@@ -95,12 +95,17 @@ def data_stats(prepared: Any, max_length: int) -> dict[str, Any]:
         "length": _length_summary(all_lengths),
         "length_histogram": histogram(all_lengths.tolist(), max_length, bins=HISTOGRAM_BINS),
         "dropped": dict(sorted(dropped.items())),
-        "sources": [
-            {"path": r.path, "rows": r.rows, "kept": r.kept, "dropped": dict(r.dropped), "invalid": r.invalid}
-            for r in prepared.reports
-        ],
+        "sources": [_source_stats(r) for r in prepared.reports],
         "previews": mask_previews(prepared.train, prepared.tokenizer),
     }
+
+
+def _source_stats(r: Any) -> dict[str, Any]:
+    out = {"path": r.path, "rows": r.rows, "kept": r.kept, "dropped": dict(r.dropped), "invalid": r.invalid}
+    out["formats"] = dict(r.formats)
+    if r.turn_conversations:  # mask.reasoning: every_turn
+        out["every_turn"] = {"examples": r.turn_examples, "conversations": r.turn_conversations}
+    return out
 
 
 def mask_previews(dataset: Any, tokenizer: Any, count: int = PREVIEW_EXAMPLES) -> list[dict[str, Any]]:
@@ -122,8 +127,14 @@ def mask_previews(dataset: Any, tokenizer: Any, count: int = PREVIEW_EXAMPLES) -
     return out
 
 
-def write_data_stats(prepared: Any, max_length: int, output_dir: str | Path) -> Path:
-    return atomic_write_json(Path(output_dir) / DATA_STATS_FILE, data_stats(prepared, max_length))
+def write_data_stats(
+    prepared: Any, max_length: int, output_dir: str | Path, curation: list[dict] | None = None
+) -> Path:
+    """OUTPUT/data_stats.json; `curation`: the statistics of the curation stages the data came from."""
+    stats = data_stats(prepared, max_length)
+    if curation:
+        stats["curation"] = curation
+    return atomic_write_json(Path(output_dir) / DATA_STATS_FILE, stats)
 
 
 def _token_text(tokenizer: Any, token_id: int) -> str:

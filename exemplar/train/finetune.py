@@ -87,6 +87,7 @@ class _Inputs:
 def _finetune(config: Config, world, inputs: _Inputs, resume: bool, progress: bool) -> dict[str, Any]:
     from exemplar.data.pipeline import prepare_data
     from exemplar.data.tokenizer import load_tokenizer
+    from exemplar.evaluate.config_section import evaluate_into_summary
     from exemplar.model.export import model_for_export, save_model
     from exemplar.report import REPORT_FILE, record_run_data, report_after_training
     from exemplar.report.run_record import versions
@@ -131,19 +132,22 @@ def _finetune(config: Config, world, inputs: _Inputs, resume: bool, progress: bo
         written = save_model(
             export, bundle.tokenizer, config.output_dir, data.stop_token_ids, merge=config.train.merge
         )
-    del export
+    del export, model  # the evaluation below loads the saved folder: no second copy in memory
     written = broadcast_object(written, world)
     summary["outputs"] = {name: str(path) for name, path in written.items()}
     summary["data"] = [report.lines() for report in data.reports]
-    if world.is_main:
+    barrier(world)  # the model folder is complete before any rank returns
+    if world.is_main:  # after the barrier: a long evaluation keeps no other rank waiting in it
         summary["versions"] = versions()
         record_run_data(config, data)  # config.yaml and data_stats.json, for the report
+        failed = evaluate_into_summary(config, summary)  # the eval: section, when there is one
         summary["outputs"]["report"] = str(Path(config.output_dir) / REPORT_FILE)
         atomic_write_json(Path(config.output_dir) / "train_summary.json", summary)
         if report_after_training(config.output_dir) is None:  # a warning was logged; the model is saved
             del summary["outputs"]["report"]
             atomic_write_json(Path(config.output_dir) / "train_summary.json", summary)
-    barrier(world)  # the model folder is complete before any rank returns
+        if failed is not None:
+            raise failed
     return summary
 
 
