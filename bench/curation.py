@@ -11,9 +11,8 @@ Data (bench/curation_data.py): the quickstart's letter-reversal task, with wrong
 refusals, repeated answers and a few rows copied many times. Curation, each stage through the
 CLI on the previous stage's kept.jsonl:
 
-1. score: `meta.scores.verifier` from `curation_data.reversal_verified` (what `exemplar curate
-   score --scorer verifier:bench/curation_data.py:reversal_verified` adds; done here in-process
-   until that command is on main);
+1. `exemplar curate score --scorer verifier:bench/curation_data.py:reversal_verified`
+   (`meta.scores.verifier`: 1 for a right answer, 0 for a wrong one);
 2. `exemplar curate filter --min-score verifier=1` (refusals, repetition, wrong answers);
 3. `exemplar curate dedup --method minhash` (the copies).
 
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from curation_data import NOISE_KINDS, NoiseSizes, make_noisy_set, reversal_verified  # noqa: E402
+from curation_data import NOISE_KINDS, NoiseSizes, make_noisy_set  # noqa: E402
 
 MAX_NEW_TOKENS = 24
 
@@ -59,13 +58,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f]
 
 
-def add_verifier_scores(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
-        {**r, "meta": {**r.get("meta", {}), "scores": {"verifier": float(reversal_verified(r))}}}
-        for r in rows
-    ]
-
-
 def exemplar_cli(*argv: str) -> None:
     from exemplar.cli import main
 
@@ -73,10 +65,21 @@ def exemplar_cli(*argv: str) -> None:
         raise SystemExit(f"exemplar {' '.join(argv)} failed")
 
 
+VERIFIER = f"verifier:{Path(__file__).resolve().parent / 'curation_data.py'}:reversal_verified"
+
+
 def curate(noisy: Path, work: Path) -> tuple[Path, list[dict[str, Any]]]:
     """Run the stages; return the final kept.jsonl and each stage's summary.json."""
-    scored = write_jsonl(add_verifier_scores(read_jsonl(noisy)), work / "scored.jsonl")
-    exemplar_cli("curate", "filter", str(scored), "--out", str(work / "filter"), "--min-score", "verifier=1")
+    exemplar_cli("curate", "score", str(noisy), "--out", str(work / "score"), "--scorer", VERIFIER)
+    exemplar_cli(
+        "curate",
+        "filter",
+        str(work / "score" / "kept.jsonl"),
+        "--out",
+        str(work / "filter"),
+        "--min-score",
+        "verifier=1",
+    )
     exemplar_cli(
         "curate",
         "dedup",
@@ -86,7 +89,7 @@ def curate(noisy: Path, work: Path) -> tuple[Path, list[dict[str, Any]]]:
         "--method",
         "minhash",
     )
-    summaries = [json.loads((work / s / "summary.json").read_text()) for s in ("filter", "dedup")]
+    summaries = [json.loads((work / s / "summary.json").read_text()) for s in ("score", "filter", "dedup")]
     return work / "dedup" / "kept.jsonl", summaries
 
 
@@ -177,7 +180,9 @@ def table_curation(work: Path, steps: int, seed: int) -> str:
         "train s",
     ]
     removed = "; ".join(
-        f"{s['stage']}: " + ", ".join(f"{k} {v}" for k, v in s["removed"].items()) for s in summaries
+        f"{s['stage']}: " + ", ".join(f"{k} {v}" for k, v in s["removed"].items())
+        for s in summaries
+        if s["removed"]
     )
     diff = result["differences"]["curated"]
     return (

@@ -69,7 +69,8 @@ def test_curation_removes_the_noise_and_keeps_every_clean_row(noisy, tmp_path):
     path = curation.write_jsonl(rows, tmp_path / "noisy.jsonl")
     kept, summaries = curation.curate(path, tmp_path / "curate")
     assert curation.noise_counts(kept) == {"clean": SIZES.clean}
-    filtered, deduped = summaries
+    scored, filtered, deduped = summaries
+    assert scored["kept"] == len(rows)  # scoring removes nothing: every row has a verdict
     assert filtered["removed"] == {
         "min_score": SIZES.wrong,
         "refusal": SIZES.refusal,
