@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from exemplar.cli import curate_gen_commands
+
 
 def register(commands: argparse._SubParsersAction) -> None:
     curate = commands.add_parser("curate", help="deduplicate, filter and mix data (the curate extra)")
@@ -52,6 +54,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     mix.add_argument("--config", default=None)
     mix.add_argument("--no-progress", action="store_true")
     mix.set_defaults(handler=run_mix)
+    curate_gen_commands.register(verbs)  # distill, best-of-k, iterate
 
 
 def _common(parser: argparse.ArgumentParser, many: bool) -> None:
