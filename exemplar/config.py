@@ -167,6 +167,13 @@ class FilterConfig(_Strict):
     invalid_characters: bool = True
 
 
+class ScoreConfig(_Strict):
+    """`exemplar curate score` options (README "Scoring")."""
+
+    rubric: str | None = None  # the judge's rubric file; None: exemplar/assets/judge_rubric.txt
+    judge_max_new_tokens: int = Field(256, ge=1)  # room for the rationale and the "Score: N" line
+
+
 class IterateConfig(_Strict):
     """`exemplar curate iterate`: rounds of best-of-K sampling, fine-tuning and evaluation."""
 
@@ -187,6 +194,7 @@ class IterateConfig(_Strict):
 
 class CurateConfig(_Strict):
     filter: FilterConfig = Field(default_factory=FilterConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
     iterate: IterateConfig = Field(default_factory=IterateConfig)
 
 

@@ -56,6 +56,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     mix.set_defaults(handler=run_mix)
     curate_gen_commands.register(verbs)  # distill, best-of-k, iterate
 
+    from exemplar.cli import curate_score_commands
+
+    curate_score_commands.register(verbs)
+
 
 def _common(parser: argparse.ArgumentParser, many: bool) -> None:
     parser.add_argument("inputs", nargs="*", metavar="IN", help="data files in any supported format")
