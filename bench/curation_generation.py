@@ -84,7 +84,7 @@ def serve(model_dir: str, log_path: Path) -> tuple[subprocess.Popen, str]:
         "import sys; from transformers.cli.transformers import main; sys.exit(main())",
         *("serve", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), model_dir),
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(1200):
@@ -212,9 +212,18 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--round-steps", type=int, default=100)
     parser.add_argument("--round-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (tiny models: one is fastest, on a busy machine too)",
+    )
     parser.add_argument("--skip-distill", action="store_true")
     parser.add_argument("--skip-rs", action="store_true")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"args": vars(args)}

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from exemplar.cli import main
@@ -21,7 +22,12 @@ VERIFIER = "verifier:tests.test_curate_best_of_k:correct"
 
 @pytest.fixture(scope="module")
 def start_model(tokenizer, im_end, tmp_path_factory) -> Path:
-    model = taught_model(tokenizer)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the one_thread fixture: tiny models are faster so
+    try:
+        model = taught_model(tokenizer)
+    finally:
+        torch.set_num_threads(threads)
     return save_model(model, tokenizer, tmp_path_factory.mktemp("start"), stop_token_ids=[im_end])["model"]
 
 
