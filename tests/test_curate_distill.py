@@ -221,3 +221,36 @@ def test_a_killed_distill_rerun_answers_every_prompt_once(proxy_factory, model_d
     assert sorted(set(asked_before) | set(asked_again)) == sorted(r["messages"][0]["content"] for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["generation"]["cache_hits"] >= len(asked_before) - 1
+
+
+def always(record: dict) -> bool:
+    """A verifier that passes everything (so only emptiness decides)."""
+    return True
+
+
+def test_empty_answers_are_removed_not_kept(tokenizer, im_end, tmp_path):
+    """A model taught to answer one prompt with nothing: that answer would be an untrainable
+    row, so distill and best-of-k remove it ("empty_response") through the local backend."""
+    import torch
+
+    from exemplar.model import save_model
+    from tests.generation_helpers import taught_model
+
+    torch.manual_seed(0)
+    model = taught_model(tokenizer, {"Say nothing": "", "Say hi": "hi"}, steps=100)
+    folder = save_model(model, tokenizer, tmp_path / "run", stop_token_ids=[im_end])["model"]
+    source = write_jsonl(
+        tmp_path / "in.jsonl", [{"messages": [user("Say nothing")]}, {"messages": [user("Say hi")]}]
+    )
+    out = tmp_path / "distill"
+    assert main(distill_args([source], out, str(folder))) == 0
+    [removed] = read_jsonl(out / "removed.jsonl")
+    assert removed["meta"]["reason"] == "empty_response" and removed["messages"][0] == user("Say nothing")
+    assert [r["messages"][-1] for r in read_jsonl(out / "kept.jsonl")] == [assistant("hi")]
+
+    best = tmp_path / "best"
+    args = ["curate", "best-of-k", str(source), "--out", str(best), "--model", str(folder), "--k", "2"]
+    args += ["--scorer", f"verifier:{__name__}:always", "--temperature", "0", "--max-new-tokens", "6"]
+    assert main([*args, "--no-progress"]) == 0
+    assert json.loads((best / "summary.json").read_text())["removed"] == {"empty_response": 1}
+    assert [r["messages"][-1] for r in read_jsonl(best / "kept.jsonl")] == [assistant("hi")]

@@ -15,7 +15,9 @@ that response), and then, by `keep`:
 A response passes when its score is at least `min_score` (1.0 when not given: a verifier's
 True). With `min_score`, a prompt with no passing response is removed with reason
 "below_min_score" (its best response shown); without it, "best" keeps the best whatever its
-score. A prompt none of whose responses could be scored is removed as "score_error".
+score. A prompt none of whose responses could be scored is removed as "score_error"; empty
+responses are never kept (an empty assistant turn cannot be trained on): a prompt with only
+empty responses is removed as "empty_response".
 
 The prompt is the conversation without its trailing assistant turns; the last of those (the
 reference answer, when the input has one) is put at `meta.reference` for a verifier to check
@@ -187,6 +189,11 @@ def _keep_or_remove(rows, values, found, writer: GenerationWriter, plan: BestOfK
     scored = [j for j, v in enumerate(values) if v is not None]
     if not scored:
         writer.remove(rows[0], "score_error", found[0].error or "no score")
+        return
+    # An empty response cannot be trained on (`exemplar data validate` refuses it), whatever its score.
+    scored = [j for j in scored if (rows[j]["messages"][-1]["content"] or "").strip()]
+    if not scored:
+        writer.remove(rows[0], "empty_response", f"all {plan.k} responses are empty")
         return
     best = max(scored, key=lambda j: (values[j], -j))
     passing = [j for j in scored if values[j] >= plan.threshold]

@@ -15,7 +15,8 @@ student learns to answer without it.
 Each kept record has `meta.distill` = {"teacher", "base_url", "sampling", "seeds" (one per
 regenerated turn, in order), "system"}. Seeds: the n-th request of the run (counting turns
 in input order) has seed `sampling.seed + n`. A teacher answer cut at the length limit makes
-the record removed ("truncated"), unless `keep_truncated`.
+the record removed ("truncated"), unless `keep_truncated`; an empty answer too ("empty_response":
+an empty assistant turn cannot be trained on).
 """
 
 from __future__ import annotations
@@ -181,5 +182,12 @@ def _write(
             f"the teacher's answer to turn {conversation.truncated_at + 1} reached the "
             f"{sampling.max_new_tokens}-token limit",
         )
+    elif empty := [n + 1 for n, p in enumerate(conversation.positions) if not _answer_text(out, p)]:
+        # An empty assistant turn cannot be trained on (`exemplar data validate` refuses it).
+        writer.remove(out, "empty_response", f"the teacher's answer to turn {empty[0]} is empty")
     else:
         writer.keep(out)
+
+
+def _answer_text(record: Record, position: int) -> str:
+    return (record["messages"][position].get("content") or "").strip()
