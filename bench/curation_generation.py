@@ -156,8 +156,11 @@ def rejection_sampling(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from exemplar.curate.iterate import iterate
     from exemplar.quickstart import quickstart_config, run_quickstart
 
-    weak = run_quickstart(work / "weak", steps=args.weak_steps, progress=False)
-    data = work / "weak" / "data"
+    if args.weak_model:  # e.g. the teacher of a shorter run: the quickstart stopped early
+        weak_dir, data = args.weak_model, Path(args.weak_model).parent / "data"
+    else:
+        weak_dir = run_quickstart(work / "weak", steps=args.weak_steps, progress=False)["model_dir"]
+        data = work / "weak" / "data"
     prompts = new_prompts(work / "rs_prompts.jsonl", args.rs_prompts, 2, data)
     config = quickstart_config(work / "rs", args.round_steps)
     settings = IterateConfig(
@@ -171,15 +174,15 @@ def rejection_sampling(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     )
     config = config.model_copy(
         update={
-            "model": ModelConfig(path=weak["model_dir"]),
+            "model": ModelConfig(path=weak_dir),
             "train": config.train.model_copy(update={"lr": args.round_lr, "warmup_steps": 10}),
             "curate": config.curate.model_copy(update={"iterate": settings}),
         }
     )
     result = iterate(config, args.rounds, progress=False, log=lambda m: print(m, file=sys.stderr))
     return {
-        "weak_steps": args.weak_steps,
-        "weak_exact_match": weak["after"]["exact_match"],
+        "weak_model": weak_dir,
+        "weak_exact_match": list(result["rounds"][0]["eval"].values())[0]["exact_match"],
         "k": args.k,
         "prompts": args.rs_prompts,
         "round_steps": args.round_steps,
@@ -206,6 +209,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument(
         "--weak-steps", type=int, default=100, help="the weak model: the quickstart stopped here"
+    )
+    parser.add_argument(
+        "--weak-model", default=None, help="a quickstart OUT/model folder to start from (default: train one)"
     )
     parser.add_argument("--rs-prompts", type=int, default=400)
     parser.add_argument("--k", type=int, default=8)
@@ -242,9 +248,7 @@ def main() -> int:
     if not args.skip_rs:
         results["rejection_sampling"] = rejection_sampling(work, args)
         rs = results["rejection_sampling"]
-        print(
-            f"\nweak model: quickstart at {rs['weak_steps']} steps, exact match {rs['weak_exact_match']:.3f}"
-        )
+        print(f"\nweak model: {rs['weak_model']}, held-out exact match {rs['weak_exact_match']:.3f}")
         print("\n".join(rs["table"]))
     results["wall_s"] = round(time.perf_counter() - start, 1)
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
