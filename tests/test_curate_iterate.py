@@ -15,7 +15,7 @@ from exemplar.cli import main
 from exemplar.model import save_model
 from tests.generation_helpers import TAUGHT, taught_model
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # two fine-tunes and four evals
+pytestmark = pytest.mark.usefixtures("one_thread")  # about 12 s on a quiet 2-core CPU
 
 VERIFIER = "verifier:tests.test_curate_best_of_k:correct"
 
