@@ -241,11 +241,30 @@ class ScoreConfig(_Strict):
     judge_max_new_tokens: int = Field(256, ge=1)  # room for the rationale and the "Score: N" line
 
 
+class IterateConfig(_Strict):
+    """`exemplar curate iterate`: rounds of best-of-K sampling, fine-tuning and evaluation."""
+
+    prompts: str | None = None  # prompts to sample, any format; a reference answer goes to meta.reference
+    heldout: str | None = None  # held-out conversations evaluated after every round (exemplar eval)
+    out: str | None = None  # where round-1/, round-2/, ... go; None: output_dir
+    scorer: str | None = None  # a scorer spec, e.g. verifier:module:function
+    k: int = Field(8, ge=1)  # responses sampled per prompt
+    keep: Literal["best", "all-passing", "distinct-passing"] = "best"
+    min_score: float | None = 1.0  # a response passes at this score; prompts with none are left out
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=1)
+    seed: int = 0  # round r samples with seed + (r - 1) * 1_000_000
+    batch_size: int = Field(8, ge=1)  # prompts per model.generate call while evaluating
+    train_from: Literal["current", "base"] = "current"  # fine-tune the latest model, or model.path each round
+
+
 class CurateConfig(_Strict):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     out: str = "curated"  # `curate run`: stage folders OUT/01-filter, OUT/02-dedup, ... (beside the config)
     stages: list[CurateStage] = Field(default_factory=list)  # `curate run`, in order
+    iterate: IterateConfig = Field(default_factory=IterateConfig)
 
 
 class EvalConfig(_Strict):

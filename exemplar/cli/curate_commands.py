@@ -1,9 +1,11 @@
-"""`exemplar curate dedup | filter | mix`: each writes --out DIR (kept.jsonl, removed.jsonl, summary.json)."""
+"""`exemplar curate dedup | filter | mix` (score, select, run, distill, best-of-k, iterate: sibling modules): each writes --out DIR (kept.jsonl, removed.jsonl, summary.json)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from exemplar.cli import curate_gen_commands
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -52,13 +54,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     mix.add_argument("--config", default=None)
     mix.add_argument("--no-progress", action="store_true")
     mix.set_defaults(handler=run_mix)
-    from exemplar.cli import curate_select_commands  # select and run (imports this module's helpers)
+    # The other verbs live in their own modules (they import this module's helpers, hence the late import).
+    from exemplar.cli import curate_score_commands, curate_select_commands
 
-    curate_select_commands.register(verbs)
-
-    from exemplar.cli import curate_score_commands
-
-    curate_score_commands.register(verbs)
+    curate_score_commands.register(verbs)  # score
+    curate_select_commands.register(verbs)  # select, run
+    curate_gen_commands.register(verbs)  # distill, best-of-k, iterate
 
 
 def _common(parser: argparse.ArgumentParser, many: bool) -> None:
