@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from datetime import date
+from pathlib import Path
 
 import pytest
 
@@ -65,10 +66,14 @@ def setup(name: str, mask=None):
         if tok is None:
             pytest.skip("the Llama 2 tokenizer is not in the shared data folder")
         path = template_path(name)
-        source = open(path, encoding="utf-8").read() if path.endswith(".jinja") else ""
+        source = Path(path).read_text(encoding="utf-8") if path.endswith(".jinja") else ""
         bundle = prepare_tokenizer(tok, path, sorted(set(_CONTROL.findall(source))))
         masker = ChatMasker(
-            bundle.template, bundle.variables, bundle.special_tokens, mask, template_date=date.today().isoformat()
+            bundle.template,
+            bundle.variables,
+            bundle.special_tokens,
+            mask,
+            template_date=date.today().isoformat(),
         )
         _SETUPS[key] = (bundle.tokenizer, Encoder(bundle.tokenizer, masker, max_length=1_000_000))
     return _SETUPS[key]
@@ -101,7 +106,9 @@ def trained_texts(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
             assert label == token
             current.append(token)
         elif current:
-            runs.append(tokenizer.decode(current, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+            runs.append(
+                tokenizer.decode(current, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            )
             current = []
     return runs
 

@@ -7,8 +7,9 @@ conversation, and ends with the template's stop token after the message's last r
 turn without stop). Text the generation prompt supplies (an opening `<think>\\n`) is not the
 model's to generate and stays untrained, as at inference.
 
-Field ends. Every non-empty string the data supplies (contents, reasoning, tool-call names, ids,
-argument keys and values) is rendered once more with a distinct rare character appended. Deleting
+Field ends. Every non-empty string the data supplies (contents, reasoning, tool-call names,
+argument keys and values) is rendered once more with a distinct rare character appended (before
+any trailing whitespace, which a template may trim). Deleting
 those characters from that rendering must give the real rendering back; then each character's
 position is where its field ends in the real rendering, whatever the template did with the field
 (JSON or Python escaping, `| trim`, a `<think>` block split out of the content). A field whose
@@ -165,9 +166,11 @@ def field_ends(
 
     def marker(i: int, name: str) -> Callable[[str], str]:
         def mark(s: str) -> str:
+            # Before trailing whitespace, so that a template that trims the field trims the same.
             c = next(chars)
             owner[c] = (i, name)
-            return s + c
+            body = s.rstrip()
+            return body + c + s[len(body) :]
 
         return mark
 

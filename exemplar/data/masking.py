@@ -133,8 +133,17 @@ class ChatMasker:
         none for GLM, whose next header is all that follows."""
         u, a, u2, a2 = (placeholder(k) for k in range(4))
         probes = [
-            [{"role": "user", "content": u}, {"role": "assistant", "content": a}, {"role": "user", "content": u2}, {"role": "assistant", "content": a2}],
-            [{"role": "user", "content": u}, {"role": "assistant", "content": a}, {"role": "user", "content": u2}],
+            [
+                {"role": "user", "content": u},
+                {"role": "assistant", "content": a},
+                {"role": "user", "content": u2},
+                {"role": "assistant", "content": a2},
+            ],
+            [
+                {"role": "user", "content": u},
+                {"role": "assistant", "content": a},
+                {"role": "user", "content": u2},
+            ],
             [{"role": "user", "content": u}, {"role": "assistant", "content": a}],
             [
                 {"role": "system", "content": placeholder(4)},
@@ -148,7 +157,12 @@ class ChatMasker:
             except TemplateError:
                 continue
             at = [text.find(placeholder(k)) for k in range(len(probe) if len(probe) < 4 else 4)]
-            if at[0] < 0 or at[1] < at[0] or (len(at) > 2 and at[2] < at[1]) or (len(at) > 3 and at[3] < at[2]):
+            if (
+                at[0] < 0
+                or at[1] < at[0]
+                or (len(at) > 2 and at[2] < at[1])
+                or (len(at) > 3 and at[3] < at[2])
+            ):
                 continue
             after_end = at[2] if len(at) > 2 else len(text)
             after = self._specials_in(text[at[1] + len(a) : after_end])
@@ -171,7 +185,10 @@ class ChatMasker:
         prompt lacks (`assistant: `), which is not the model's output. Empty when the template has
         a generation prompt, or when what the prompt lacks is special tokens only (Command R's
         `<|START_RESPONSE|>`, which the model writes itself at inference)."""
-        probe = [{"role": "user", "content": placeholder(0)}, {"role": "assistant", "content": placeholder(1)}]
+        probe = [
+            {"role": "user", "content": placeholder(0)},
+            {"role": "assistant", "content": placeholder(1)},
+        ]
         try:
             text = self.render(probe)
             prompt = self.render(probe[:1], add_generation_prompt=True)
@@ -306,9 +323,15 @@ class ChatMasker:
         for m in conv.messages:
             if m.tool_calls or m.reasoning_content:
                 return False
-            if special and ((m.name and special.search(m.name)) or (m.tool_call_id and special.search(m.tool_call_id))):
+            if special and (
+                (m.name and special.search(m.name)) or (m.tool_call_id and special.search(m.tool_call_id))
+            ):
                 return False
-        return conv.tools is None or special is None or not special.search(json.dumps(conv.tools, ensure_ascii=False))
+        return (
+            conv.tools is None
+            or special is None
+            or not special.search(json.dumps(conv.tools, ensure_ascii=False))
+        )
 
     # -- the general path (locate.py) ------------------------------------------------------
 
@@ -317,7 +340,11 @@ class ChatMasker:
     ) -> RenderedChat:
         """Pieces for any conversation: all text between the template's special tokens is encoded
         as plain text (so typed special-token strings stay text), cut at the trained regions."""
-        typed = locate.typed_spans(self.render, messages, conv.tools, full, self._special) if self._special else []
+        typed = (
+            locate.typed_spans(self.render, messages, conv.tools, full, self._special)
+            if self._special
+            else []
+        )
         specials = locate.template_specials(full, self._special, typed)
         text_spans = locate.text_between(specials, len(full))
         if self.mask.train_on_everything:
@@ -370,7 +397,9 @@ class ChatMasker:
         try:
             prompt = self.render(messages[:i], tools, add_generation_prompt=True)
         except TemplateError as e:
-            raise TemplateError(f"cannot locate message {i}: the template cannot render the prompt before it ({e})") from None
+            raise TemplateError(
+                f"cannot locate message {i}: the template cannot render the prompt before it ({e})"
+            ) from None
         start = locate.turn_start(prompt, lambda: self.render(messages[:i], tools), full, data_end)
         rest = self.header_not_in_prompt
         if rest and full.startswith(rest.lstrip(), locate.skip_space_before(full, start, len(full), rest)):
@@ -402,7 +431,11 @@ class ChatMasker:
             skeleton.recipes[trained] = recipe
         if recipe is _NO_RECIPE:
             return None
-        items, missing = recipe
+        items, missing, guards = recipe
+        for i, char in guards:  # the content could continue the generation prompt: stay general
+            first = messages[i]["content"][:1]
+            if first == char or (char.isspace() and first.isspace()):
+                return None
         pieces = [
             Piece(bodies[item[0]], True, item[1]) if isinstance(item, tuple) else item for item in items
         ]
@@ -420,12 +453,14 @@ class ChatMasker:
             spans[i] = (length, length + len(placeholder(i)))
             length += len(placeholder(i))
         if self.mask.train_on_everything:
-            regions, missing = [(0, len(text))], 0
+            regions, missing, guards = [(0, len(text))], 0, []
         else:
             skeleton_messages = [
                 dict(m, content=placeholder(i)) if m["content"] else m for i, m in enumerate(messages)
             ]
-            regions, missing = self._regions(conv.messages, skeleton_messages, conv.tools, text, spans, trained)
+            regions, missing, guards = self._regions(
+                conv.messages, skeleton_messages, conv.tools, text, spans, trained
+            )
         items: list[Piece | tuple[int, bool]] = []
         by_placeholder = {placeholder(i): i for _, i in skeleton.layout}
         for piece in _cut(text, spans, regions):
@@ -435,13 +470,15 @@ class ChatMasker:
                 items.append((by_placeholder[piece.text], piece.trained))
             else:
                 items.append(piece)  # shared by every row of this shape: pieces are read-only
-        return items, missing
+        return items, missing, guards
 
-    def _regions(self, conv_messages, messages, tools, text, spans, trained) -> tuple[list[Span], int]:
+    def _regions(self, conv_messages, messages, tools, text, spans, trained):
         """Trained regions of a skeleton: each trained assistant turn from where its prompt stops
         matching (its content's start at the latest), other trained messages from their content,
-        through the stop token that closes the turn."""
-        regions, missing, floor = [], 0, 0
+        through the stop token that closes the turn. Also the guards: (message, character) where
+        the generation prompt goes on past the content's start (`<think>\n`): a content that
+        starts with that character could match more of it, so such a row takes the general path."""
+        regions, missing, floor, guards = [], 0, 0, []
         starts = sorted(s[0] for s in spans if s is not None)
         for i in trained:
             span = spans[i]
@@ -456,6 +493,9 @@ class ChatMasker:
                     pass  # no prompt to compare with: the content's start
                 if not text[start : span[0]].strip():
                     start = span[0]  # template whitespace before the content is not the model's output
+                guard = self._prompt_past_content(messages, tools, text, i, span[0])
+                if guard:
+                    guards.append((i, guard))
             end = span[1]
             if self.mask.train_stop_token:
                 stop_end = self._stop_end(text, end, starts)
@@ -465,7 +505,16 @@ class ChatMasker:
                     end = stop_end
             regions.append((start, end))
             floor = end
-        return regions, missing
+        return regions, missing, guards
+
+    def _prompt_past_content(self, messages, tools, text, i, content_start) -> str:
+        """The generation prompt's character at the content's start, when it goes on past it."""
+        try:
+            prompt = self.render(messages[:i], tools, add_generation_prompt=True)
+        except TemplateError:
+            return ""
+        at = locate.common_prefix(prompt, text)
+        return prompt[at] if at < len(prompt) and at >= content_start - 1 else ""
 
     def _stop_end(self, full: str, content_end: int, starts: list[int]) -> int | None:
         """End of the stop token that closes the turn whose content ends at `content_end`."""
