@@ -39,9 +39,6 @@ Span = tuple[int, int]
 # (`| upper`), and left alone by JSON without `ensure_ascii`.
 _ALPHABETS = ((0xA000, 0xA48C), (0x1401, 0x166C), (0xA500, 0xA60B))
 
-# Fields of a message, as counted in `dropped_fields`.
-FIELDS = ("content", "reasoning_content", "tool_calls")
-
 
 def alphabet_for(text: str, needed: int) -> Iterator[str]:
     """`needed` marker characters, from the first block that `text` does not use."""
