@@ -74,7 +74,7 @@ def test_minimax_keeps_the_last_reasoning_and_the_prompt_supplies_think(inline):
     runs, result = _runs("tools/unsloth-MiniMax-M2", multi_turn(inline))
     if inline:  # the template leaves inline blocks as they are; the prompt's `<think>` is not trained
         assert runs == [
-            "<think>THINKONE add them</think>ANSONE 4[e~[",
+            "THINKONE add them</think>ANSONE 4[e~[",
             "THINKTWO add again</think>ANSTWO 6[e~[",
         ]
     else:  # the first turn's reasoning field is not rendered, and says so
