@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -71,6 +72,18 @@ class DataConfig(_Strict):
     cache_dir: str | None = None  # None: $EXEMPLAR_CACHE or ~/.cache/exemplar
     shuffle: bool = True
     skip_invalid: bool = False  # train on the valid rows, reporting the skipped ones (default: refuse)
+    # What chat templates' `strftime_now` prints (LFM2.5 writes "Today's date" into the system
+    # prompt): fixed, so masks and the cache are the same on every run. An ISO date.
+    template_date: str = "2026-01-01"
+
+    @field_validator("template_date")
+    @classmethod
+    def _iso_date(cls, value: str) -> str:
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"'{value}' is not an ISO date such as 2026-01-01") from None
+        return value
 
     @field_validator("train", "eval", mode="before")
     @classmethod

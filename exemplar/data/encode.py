@@ -10,6 +10,7 @@ with array operations over a whole batch at a time.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class Encoded:
     drop_reason: str | None = None
     turns_without_stop: int = 0
     detail: str | None = None  # for template errors: the message
+    dropped_fields: Counter = field(default_factory=Counter)  # fields the template did not render
 
 
 @dataclass
@@ -53,6 +55,9 @@ class EncodedColumns:
     drop_reasons: list[str | None]  # per input example
     turns_without_stop: int = 0  # summed over every rendered conversation
     details: dict[int, str] = field(default_factory=dict)  # template error messages by input index
+    # Message fields the template did not render ("reasoning_content", "tool_calls", "content"):
+    # summed over every rendered conversation, kept or not (see masking.RenderedChat).
+    dropped_fields: Counter = field(default_factory=Counter)
 
     @staticmethod
     def concat(parts: Sequence[EncodedColumns], starts: Sequence[int]) -> EncodedColumns:
@@ -73,6 +78,7 @@ class EncodedColumns:
             [r for p in parts for r in p.drop_reasons],
             sum(p.turns_without_stop for p in parts),
             {i + s: d for p, s in zip(parts, starts, strict=True) for i, d in p.details.items()},
+            sum((p.dropped_fields for p in parts), Counter()),
         )
 
 
@@ -95,7 +101,7 @@ class Encoder:
         """Render every example into pieces. Returns per-example slots and the tokenizer plan of
         the rows (sections without content resolved, the others queued)."""
         rows: list[list[Piece]] = []
-        slots: list[Any] = []  # per example: (row index, turns_without_stop) or a finished Encoded
+        slots: list[Any] = []  # per example: (row index, rendered chat) or a finished Encoded
         for ex in examples:
             if isinstance(ex, Conversation):
                 if self.masker is None:
@@ -105,10 +111,10 @@ class Encoder:
                 except TemplateError as e:
                     slots.append(Encoded([], [], DROP_TEMPLATE, detail=str(e)))
                     continue
-                slots.append((len(rows), rendered.turns_without_stop))
+                slots.append((len(rows), rendered))
                 rows.append(rendered.pieces)
             elif isinstance(ex, TextDocument):
-                slots.append((len(rows), 0))
+                slots.append((len(rows), None))
                 rows.append([Piece(ex.text, content=True, trained=True)])
             elif isinstance(ex, TokenizedExample):
                 labels = ex.labels if ex.labels is not None else list(ex.input_ids)
@@ -160,7 +166,7 @@ class Encoder:
                 if isinstance(slot, Encoded):
                     results.append(slot if slot.drop_reason else self.finish(slot.input_ids, slot.labels))
                     continue
-                row, no_stop = slot
+                row, rendered = slot
                 input_ids, labels = [], []
                 for chunk_ids, trained in rows[row]:
                     input_ids += chunk_ids
@@ -173,7 +179,9 @@ class Encoder:
                 if isinstance(ex, TextDocument):
                     input_ids, labels = self._document_ends(input_ids, labels)
                 result = self.finish(input_ids, labels)
-                result.turns_without_stop = no_stop
+                if rendered is not None:
+                    result.turns_without_stop = rendered.turns_without_stop
+                    result.dropped_fields = rendered.dropped_fields
                 results.append(result)
         return results
 
@@ -189,6 +197,7 @@ class Encoder:
         reasons: list[str | None] = []
         details: dict[int, str] = {}
         no_stop_total = 0
+        dropped_fields: Counter = Counter()
         base = 0
         for chunk, slots, rows in self._batches(examples):
             flat: list[Sequence[int]] = []  # every chunk of every example, in order
@@ -206,8 +215,10 @@ class Encoder:
                         trained.append(False)
                     counts.append(len(flat) - before)
                     continue
-                row, no_stop = slot
-                no_stop_total += no_stop  # counted for every rendered conversation, kept or not
+                row, rendered = slot
+                if rendered is not None:  # counted for every rendered conversation, kept or not
+                    no_stop_total += rendered.turns_without_stop
+                    dropped_fields.update(rendered.dropped_fields)
                 document = isinstance(ex, TextDocument)
                 if document and self.adds_bos:
                     flat.append((self.bos_id,))
@@ -237,6 +248,7 @@ class Encoder:
             reasons,
             no_stop_total,
             details,
+            dropped_fields,
         )
 
     def _columns(self, flat, trained, explicit, counts, slots):

@@ -16,15 +16,21 @@ template text, so the tokenizer can encode content with special-token parsing sw
 
 from __future__ import annotations
 
+import bisect
 import json
-from collections import OrderedDict
-from dataclasses import dataclass
+import logging
+import re
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 from exemplar.config import MaskConfig
+from exemplar.data import locate
 from exemplar.data.schema import Conversation
-from exemplar.data.templates import ChatTemplate, render
+from exemplar.data.templates import DEFAULT_TEMPLATE_DATE, ChatTemplate, render
 from exemplar.errors import TemplateError
+
+log = logging.getLogger(__name__)
 
 # Private-use characters: they never occur in real text and survive `| trim`, `| upper` aside.
 _OPEN, _CLOSE = "\ue000", "\ue001"
@@ -46,6 +52,10 @@ class RenderedChat:
     text: str
     pieces: list[Piece]
     turns_without_stop: int  # trained turns whose stop token was not found
+    # Fields the data carries that the template did not render ("content", "reasoning_content",
+    # "tool_calls"), one count per message: e.g. the reasoning of earlier turns, or tool calls on a
+    # template that has no syntax for them.
+    dropped_fields: Counter = field(default_factory=Counter)
 
 
 Span = tuple[int, int]
@@ -60,13 +70,21 @@ class ChatMasker:
         variables: dict[str, str],
         special_tokens: list[str],
         mask: MaskConfig | None = None,
+        template_date: str = DEFAULT_TEMPLATE_DATE,
     ):
         self.template = template
         self.variables = variables  # bos_token, eos_token, ... as the template sees them
         self.special_tokens = sorted({t for t in special_tokens if t}, key=len, reverse=True)
+        # Leftmost-longest, as the tokenizer's split at added tokens.
+        self._special = (
+            re.compile("|".join(map(re.escape, self.special_tokens))) if self.special_tokens else None
+        )
         self.mask = mask or MaskConfig()
+        self.template_date = template_date  # what `strftime_now` renders (deterministic masks, cache)
+        self.dropped_warned: set[str] = set()
         self._skeletons: OrderedDict[tuple, _Skeleton] = OrderedDict()
         self.stop_token = self._probe_stop_token()
+        self.header_not_in_prompt = self._probe_header()
 
     # -- rendering -------------------------------------------------------------------------
 
@@ -79,6 +97,7 @@ class ChatMasker:
             tools=tools,
             add_generation_prompt=add_generation_prompt,
             special=self.variables,
+            date=self.template_date,
         )
 
     def _skeleton(self, messages: list[dict[str, Any]], tools: Any) -> _Skeleton:
@@ -102,13 +121,34 @@ class ChatMasker:
     # -- the stop token ---------------------------------------------------------------------
 
     def _probe_stop_token(self) -> str | None:
-        """The special token the template writes right after an assistant message's content."""
+        """The special token that closes an assistant turn, from a probe conversation: user P0,
+        assistant P1, user P2, assistant P3.
+
+        The closer is what follows both P1 and P3 (after P1 the next header comes, after P3 the
+        end, or whatever the template appends): `<|im_end|>`, `<|eot_id|>`, Nemotron's
+        `<SPECIAL_12>`; of several, the first that also closes the user's turn (stands between P0
+        and P1), so Command R's turn ends with `<|END_OF_TURN_TOKEN|>` after `<|END_RESPONSE|>`.
+        When nothing follows P3 (templates that close only earlier turns), the first token after
+        P1 that is not part of the user's header (what stands before P0): Apriel's `<|end|>`, but
+        none for GLM, whose next header is all that follows."""
+        u, a, u2, a2 = (placeholder(k) for k in range(4))
         probes = [
-            [{"role": "user", "content": placeholder(0)}, {"role": "assistant", "content": placeholder(1)}],
             [
-                {"role": "system", "content": placeholder(2)},
-                {"role": "user", "content": placeholder(0)},
-                {"role": "assistant", "content": placeholder(1)},
+                {"role": "user", "content": u},
+                {"role": "assistant", "content": a},
+                {"role": "user", "content": u2},
+                {"role": "assistant", "content": a2},
+            ],
+            [
+                {"role": "user", "content": u},
+                {"role": "assistant", "content": a},
+                {"role": "user", "content": u2},
+            ],
+            [{"role": "user", "content": u}, {"role": "assistant", "content": a}],
+            [
+                {"role": "system", "content": placeholder(4)},
+                {"role": "user", "content": u},
+                {"role": "assistant", "content": a},
             ],
         ]
         for probe in probes:
@@ -116,15 +156,57 @@ class ChatMasker:
                 text = self.render(probe)
             except TemplateError:
                 continue
-            at = text.find(placeholder(1))
-            if at < 0:
+            at = [text.find(placeholder(k)) for k in range(len(probe) if len(probe) < 4 else 4)]
+            if (
+                at[0] < 0
+                or at[1] < at[0]
+                or (len(at) > 2 and at[2] < at[1])
+                or (len(at) > 3 and at[3] < at[2])
+            ):
                 continue
-            tail = text[at + len(placeholder(1)) :]
-            hits = [(tail.find(tok), tok) for tok in self.special_tokens if tok in tail]
-            if hits:
-                return min(hits)[1]
-            return None
+            after_end = at[2] if len(at) > 2 else len(text)
+            after = self._specials_in(text[at[1] + len(a) : after_end])
+            closing_user = set(self._specials_in(text[at[0] + len(u) : at[1]]))
+            if len(at) > 3:
+                last = self._specials_in(text[at[3] + len(a2) :])
+                closer = []
+                for x, y in zip(after, last, strict=False):
+                    if x != y:
+                        break
+                    closer.append(x)
+                if closer:
+                    return next((t for t in closer if t in closing_user), closer[0])
+            user_header = set(self._specials_in(text[: at[0]]))
+            return next((t for t in after if t not in user_header), None)
         return None
+
+    def _probe_header(self) -> str:
+        """For a template without a generation prompt: the text of the assistant's header that the
+        prompt lacks (`assistant: `), which is not the model's output. Empty when the template has
+        a generation prompt, or when what the prompt lacks is special tokens only (Command R's
+        `<|START_RESPONSE|>`, which the model writes itself at inference)."""
+        probe = [
+            {"role": "user", "content": placeholder(0)},
+            {"role": "assistant", "content": placeholder(1)},
+        ]
+        try:
+            text = self.render(probe)
+            prompt = self.render(probe[:1], add_generation_prompt=True)
+            if prompt != self.render(probe[:1]):
+                return ""  # the template has a generation prompt: it is the header
+        except TemplateError:
+            return ""
+        at_u, at_a = text.find(placeholder(0)), text.find(placeholder(1))
+        if at_u < 0 or at_a < at_u or not prompt.startswith(text[:at_u]):
+            return ""
+        header = text[at_u + len(placeholder(0)) : at_a]
+        generated = prompt[at_u + len(placeholder(0)) :]
+        rest = header[locate.common_prefix(header, generated) :]
+        plain = self._special.sub("", rest) if self._special else rest
+        return rest if plain.strip() else ""
+
+    def _specials_in(self, text: str) -> list[str]:
+        return [m.group() for m in self._special.finditer(text)] if self._special else []
 
     # -- content spans ----------------------------------------------------------------------
 
@@ -193,16 +275,6 @@ class ChatMasker:
             "changes other text depending on this message's content"
         )
 
-    def _generation_start(self, messages, tools, full, i) -> int:
-        """Where message i's output starts, for a trained message with no content (tool calls only)."""
-        prompt = self.render(messages[:i], tools, add_generation_prompt=True)
-        if not full.startswith(prompt):
-            raise TemplateError(
-                f"cannot locate message {i}: it has no content and the template's generation prompt "
-                "is not a prefix of the conversation"
-            )
-        return len(prompt)
-
     # -- trained regions --------------------------------------------------------------------
 
     def trained_messages(self, conv: Conversation) -> list[int]:
@@ -233,40 +305,106 @@ class ChatMasker:
     def render_pieces(self, conv: Conversation) -> RenderedChat:
         messages = [m.to_template_dict() for m in conv.messages]
         full = self.render(messages, conv.tools)
-        fast = self._pieces_from_recipe(conv, messages, full)
-        return fast if fast is not None else self._render_pieces_general(conv, messages, full)
+        fast = self._pieces_from_recipe(conv, messages, full) if self._plain(conv) else None
+        rendered = fast if fast is not None else self._render_pieces_located(conv, messages, full)
+        for name in rendered.dropped_fields.keys() - self.dropped_warned:
+            self.dropped_warned.add(name)
+            log.warning(
+                "the chat template does not render the %s of some messages: they are not trained "
+                "(counted per source as dropped fields)",
+                name,
+            )
+        return rendered
 
-    def _render_pieces_general(
+    def _plain(self, conv: Conversation) -> bool:
+        """Contents only: no tool calls, no reasoning, and no special-token string typed anywhere
+        but in a content (which the fast path keeps as text itself)."""
+        special = self._special
+        for m in conv.messages:
+            if m.tool_calls or m.reasoning_content:
+                return False
+            if special and (
+                (m.name and special.search(m.name)) or (m.tool_call_id and special.search(m.tool_call_id))
+            ):
+                return False
+        return (
+            conv.tools is None
+            or special is None
+            or not special.search(json.dumps(conv.tools, ensure_ascii=False))
+        )
+
+    # -- the general path (locate.py) ------------------------------------------------------
+
+    def _render_pieces_located(
         self, conv: Conversation, messages: list[dict[str, Any]], full: str
     ) -> RenderedChat:
-        spans = self.content_spans(messages, conv.tools, full)
-        if self.mask.train_on_everything:
-            return RenderedChat(full, _cut(full, spans, [(0, len(full))]), 0)
-        regions, missing = self._regions(
-            conv.messages, messages, conv.tools, full, spans, self.trained_messages(conv)
+        """Pieces for any conversation: all text between the template's special tokens is encoded
+        as plain text (so typed special-token strings stay text), cut at the trained regions."""
+        typed = (
+            locate.typed_spans(self.render, messages, conv.tools, full, self._special)
+            if self._special
+            else []
         )
-        return RenderedChat(full, _cut(full, spans, regions), missing)
+        specials = locate.template_specials(full, self._special, typed)
+        text_spans = locate.text_between(specials, len(full))
+        if self.mask.train_on_everything:
+            return RenderedChat(full, _cut(full, text_spans, [(0, len(full))]), 0)
+        ends, dropped = locate.field_ends(self.render, messages, conv.tools, full)
+        regions, missing = self._located_regions(conv, messages, full, ends, specials)
+        return RenderedChat(full, _cut(full, text_spans, regions), missing, dropped)
 
-    def _regions(self, conv_messages, messages, tools, full, spans, trained) -> tuple[list[Span], int]:
-        """Trained regions: each trained message's content plus the stop token closing its turn."""
-        regions, missing = [], 0
-        starts = sorted(s[0] for s in spans if s is not None)
-        for i in trained:
-            span = spans[i]
-            if span is None:
-                if not conv_messages[i].tool_calls:
-                    continue  # nothing rendered for this message: nothing to train
-                at = self._generation_start(messages, tools, full, i)
-                span = (at, at)
-            end = span[1]
+    def _located_regions(self, conv, messages, full, ends, specials) -> tuple[list[Span], int]:
+        """Each trained turn: from where its prompt stops matching `full` through the stop token
+        after its last rendered field (messages of other trained roles: their content)."""
+        stop = self.stop_token
+        stops = [a for a, b in specials if full[a:b] == stop] if stop else []
+        firsts = [min(p for p, _ in e) if e else None for e in ends]
+        regions: list[Span] = []
+        missing, floor = 0, 0
+        spans = None
+        for i in self.trained_messages(conv):
+            m = conv.messages[i]
+            if m.role == "assistant":
+                if not ends[i] and not (m.tool_calls or m.reasoning_content):
+                    continue  # an empty message: nothing to train
+                data_end = max((p for e in ends[:i] for p, _ in e), default=0)
+                start = self._turn_start(messages, conv.tools, full, i, data_end)
+                start = max(floor, locate.outside_specials(start, specials))
+            else:
+                spans = spans or self.content_spans(messages, conv.tools, full)
+                if spans[i] is None:
+                    continue
+                start = max(floor, spans[i][0])
+            bound = min((f for f in firsts[i + 1 :] if f is not None and f > start), default=len(full))
+            end = locate.last_field_end(ends[i], start, bound, stops)
+            if end is None:
+                end = start  # the template rendered none of its fields: its turn is the stop token
+            else:  # template whitespace before the content is not the model's (`[/INST]\n\n  `)
+                start = locate.skip_space_before(full, start, end, m.content)
             if self.mask.train_stop_token:
-                stop_end = self._stop_end(full, end, starts)
-                if stop_end is None:
-                    missing += 1
+                k = bisect.bisect_left(stops, end)
+                if k < len(stops) and stops[k] < bound:
+                    end = stops[k] + len(stop)
                 else:
-                    end = stop_end
-            regions.append((span[0], end))
+                    end = locate.turn_end_without_stop(end, bound, specials)
+                    missing += 1
+            if end > start:
+                regions.append((start, end))
+            floor = max(floor, end)
         return regions, missing
+
+    def _turn_start(self, messages, tools, full, i, data_end) -> int:
+        try:
+            prompt = self.render(messages[:i], tools, add_generation_prompt=True)
+        except TemplateError as e:
+            raise TemplateError(
+                f"cannot locate message {i}: the template cannot render the prompt before it ({e})"
+            ) from None
+        start = locate.turn_start(prompt, lambda: self.render(messages[:i], tools), full, data_end)
+        rest = self.header_not_in_prompt
+        if rest and full.startswith(rest.lstrip(), locate.skip_space_before(full, start, len(full), rest)):
+            start = locate.skip_space_before(full, start, len(full), rest) + len(rest.lstrip())
+        return start
 
     # -- the fast path: one recipe per conversation shape ------------------------------------
 
@@ -293,7 +431,11 @@ class ChatMasker:
             skeleton.recipes[trained] = recipe
         if recipe is _NO_RECIPE:
             return None
-        items, missing = recipe
+        items, missing, guards = recipe
+        for i, char in guards:  # the content could continue the generation prompt: stay general
+            first = messages[i]["content"][:1]
+            if first == char or (char.isspace() and first.isspace()):
+                return None
         pieces = [
             Piece(bodies[item[0]], True, item[1]) if isinstance(item, tuple) else item for item in items
         ]
@@ -311,9 +453,14 @@ class ChatMasker:
             spans[i] = (length, length + len(placeholder(i)))
             length += len(placeholder(i))
         if self.mask.train_on_everything:
-            regions, missing = [(0, len(text))], 0
+            regions, missing, guards = [(0, len(text))], 0, []
         else:
-            regions, missing = self._regions(conv.messages, messages, conv.tools, text, spans, trained)
+            skeleton_messages = [
+                dict(m, content=placeholder(i)) if m["content"] else m for i, m in enumerate(messages)
+            ]
+            regions, missing, guards = self._regions(
+                conv.messages, skeleton_messages, conv.tools, text, spans, trained
+            )
         items: list[Piece | tuple[int, bool]] = []
         by_placeholder = {placeholder(i): i for _, i in skeleton.layout}
         for piece in _cut(text, spans, regions):
@@ -323,7 +470,51 @@ class ChatMasker:
                 items.append((by_placeholder[piece.text], piece.trained))
             else:
                 items.append(piece)  # shared by every row of this shape: pieces are read-only
-        return items, missing
+        return items, missing, guards
+
+    def _regions(self, conv_messages, messages, tools, text, spans, trained):
+        """Trained regions of a skeleton: each trained assistant turn from where its prompt stops
+        matching (its content's start at the latest), other trained messages from their content,
+        through the stop token that closes the turn. Also the guards: (message, character) where
+        the generation prompt goes on past the content's start (`<think>\n`): a content that
+        starts with that character could match more of it, so such a row takes the general path."""
+        regions, missing, floor, guards = [], 0, 0, []
+        starts = sorted(s[0] for s in spans if s is not None)
+        for i in trained:
+            span = spans[i]
+            if span is None:
+                continue  # nothing rendered for this message: nothing to train
+            start = span[0]
+            if conv_messages[i].role == "assistant":
+                try:
+                    data_end = max((s[1] for s in spans[:i] if s is not None), default=0)
+                    start = max(floor, min(start, self._turn_start(messages, tools, text, i, data_end)))
+                except TemplateError:
+                    pass  # no prompt to compare with: the content's start
+                if not text[start : span[0]].strip():
+                    start = span[0]  # template whitespace before the content is not the model's output
+                guard = self._prompt_past_content(messages, tools, text, i, span[0])
+                if guard:
+                    guards.append((i, guard))
+            end = span[1]
+            if self.mask.train_stop_token:
+                stop_end = self._stop_end(text, end, starts)
+                if stop_end is None:
+                    missing += 1
+                else:
+                    end = stop_end
+            regions.append((start, end))
+            floor = end
+        return regions, missing, guards
+
+    def _prompt_past_content(self, messages, tools, text, i, content_start) -> str:
+        """The generation prompt's character at the content's start, when it goes on past it."""
+        try:
+            prompt = self.render(messages[:i], tools, add_generation_prompt=True)
+        except TemplateError:
+            return ""
+        at = locate.common_prefix(prompt, text)
+        return prompt[at] if at < len(prompt) and at >= content_start - 1 else ""
 
     def _stop_end(self, full: str, content_end: int, starts: list[int]) -> int | None:
         """End of the stop token that closes the turn whose content ends at `content_end`."""

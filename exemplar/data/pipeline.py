@@ -46,7 +46,7 @@ from exemplar.fsio import atomic_write_json, disk_full_guard
 log = logging.getLogger(__name__)
 
 # Bump when the encoding logic changes, so caches written by older code are not reused.
-PIPELINE_VERSION = "3"
+PIPELINE_VERSION = "4"  # 3: reasoning/preference formats, every_turn; 4: masks of tool calls and reasoning (issue 9)
 # Below this many rows a single process is faster than starting workers.
 _PARALLEL_MIN_ROWS = 4096
 
@@ -58,6 +58,8 @@ class SourceReport:
     kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     turns_without_stop: int = 0
+    # Message fields the chat template did not render, by field (masking.RenderedChat.dropped_fields).
+    dropped_fields: dict[str, int] = field(default_factory=dict)
     template_errors: list[str] = field(default_factory=list)  # the first few, with row locations
     invalid: int = 0  # rows skipped as invalid (data.skip_invalid)
     invalid_examples: list[str] = field(default_factory=list)  # the first few problems
@@ -81,6 +83,10 @@ class SourceReport:
             out.append(f"  dropped {count} ({reason})")
         if self.turns_without_stop:
             out.append(f"  warning: {self.turns_without_stop} trained turns have no stop token after them")
+        for name, count in sorted(self.dropped_fields.items()):
+            out.append(
+                f"  warning: the chat template does not render {name} of {count} messages (not trained)"
+            )
         out += [f"  {msg}" for msg in self.template_errors]
         if self.invalid:
             out.append(f"  skipped {self.invalid} invalid rows (data.skip_invalid), e.g.:")
@@ -113,7 +119,9 @@ class PreparedData:
 
 
 def build_masker(config: Config, bundle: TokenizerBundle) -> ChatMasker:
-    masker = ChatMasker(bundle.template, bundle.variables, bundle.special_tokens, config.mask)
+    masker = ChatMasker(
+        bundle.template, bundle.variables, bundle.special_tokens, config.mask, config.data.template_date
+    )
     if masker.stop_token is None and config.mask.train_stop_token:
         log.warning(
             "the chat template closes assistant turns with no stop token: a model trained on it "
@@ -350,6 +358,7 @@ def _dataset(columns, where: list[tuple[str, str]], path: str, fingerprint: str)
     report = SourceReport(path=path, rows=len(columns.drop_reasons))
     report.dropped = dict(Counter(r for r in columns.drop_reasons if r))
     report.turns_without_stop = int(columns.turns_without_stop)
+    report.dropped_fields = dict(columns.dropped_fields)
     failed = sorted(columns.details)[:5]
     report.template_errors = [f"{where[i][0]}, {where[i][1]}: {columns.details[i]}" for i in failed]
     report.kept = len(columns.kept)
@@ -477,6 +486,7 @@ def cache_key(spec: DatasetSpec, path: str, config: Config, bundle: TokenizerBun
         "max_length": config.max_length,
         "truncation": config.truncation,
         "skip_invalid": config.data.skip_invalid,
+        "template_date": config.data.template_date,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 

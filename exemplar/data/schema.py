@@ -25,7 +25,7 @@ class Message:
     name: str | None = None  # tool name for role == "tool" (optional)
     tool_call_id: str | None = None
     # An assistant message's reasoning ("thinking") text, as OpenAI-compatible servers return it.
-    # Carried through conversion and records; chat templates do not receive it yet.
+    # Passed to chat templates as `reasoning_content` (the name templates that render it read).
     reasoning_content: str | None = None
 
     def to_template_dict(self) -> dict[str, Any]:
@@ -37,6 +37,8 @@ class Message:
             out["name"] = self.name
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content:
+            out["reasoning_content"] = self.reasoning_content
         return out
 
 

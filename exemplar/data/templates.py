@@ -50,6 +50,11 @@ MAX_RENDERED_CHARS = 1 << 26
 MAX_RANGE_ITEMS = 1_000_000
 _range_budget: contextvars.ContextVar[list[int]] = contextvars.ContextVar("range_budget")
 
+# What `strftime_now` renders (config `data.template_date`): a fixed date, so that the rendering, the
+# masks and the data cache are the same on every run. Use the day of training for templates that print
+# "today's date" into the system prompt and should match what an inference server renders that day.
+DEFAULT_TEMPLATE_DATE = "2026-01-01"
+
 # Markers like <|im_end|> written literally in a template are control tokens of that template.
 _CONTROL_MARKER = re.compile(r"<\|[A-Za-z0-9_.\-]+\|>")
 
@@ -227,6 +232,16 @@ def _budgeted_range(*args: int) -> range:
     return items
 
 
+@lru_cache(maxsize=16)
+def _date_formatter(date: str) -> Any:
+    """`strftime_now(fmt)` that formats the fixed `date` (ISO, "2026-01-01" or with a time)."""
+    try:
+        moment = datetime.fromisoformat(date)
+    except ValueError:
+        raise TemplateError(f"template date '{date}' is not an ISO date such as 2026-01-01") from None
+    return moment.strftime
+
+
 @lru_cache(maxsize=1)
 def _environment() -> ImmutableSandboxedEnvironment:
     env = _BoundedSandbox(
@@ -237,7 +252,7 @@ def _environment() -> ImmutableSandboxedEnvironment:
     env.globals["range"] = _budgeted_range
     env.globals["namespace"] = _BoundedNamespace
     env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["strftime_now"] = _date_formatter(DEFAULT_TEMPLATE_DATE)
     return env
 
 
@@ -258,8 +273,10 @@ def render(
     tools: list[dict[str, Any]] | None = None,
     add_generation_prompt: bool = False,
     special: dict[str, str] | None = None,
+    date: str = DEFAULT_TEMPLATE_DATE,
 ) -> str:
-    """Render one conversation. `special` supplies bos_token/eos_token/... variables.
+    """Render one conversation. `special` supplies bos_token/eos_token/... variables; `date` is
+    what `strftime_now` formats.
 
     Equivalent to `template.render(...)`, whose context merges the environment's globals into a
     new dict on every call; the masker renders every conversation, so the merge is done once."""
@@ -270,6 +287,7 @@ def render(
         "messages": messages,
         "tools": tools,
         "add_generation_prompt": add_generation_prompt,
+        "strftime_now": _date_formatter(date),
     }
     token = _range_budget.set([MAX_RANGE_ITEMS])
     try:
