@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 
 from exemplar.config import Config
 from exemplar.data.encode import Encoder
-from exemplar.data.formats import convert_all, iter_examples
+from exemplar.data.formats import iter_examples
 from exemplar.data.pipeline import build_masker, prepare_data
 from exemplar.data.schema import IGNORE_INDEX, Conversation, Example, SourceRow
 from exemplar.data.tokenizer import TokenizerBundle, load_tokenizer
@@ -45,14 +46,13 @@ def preview_items(
     full = Encoder(bundle.tokenizer, masker, max_length=sys.maxsize)
     policy = Encoder(bundle.tokenizer, masker, config.max_length, config.truncation)
     index = 0
-    for spec in config.data.train:
-        examples, problems = convert_all(spec, resolve=config.resolve_path)
-        if problems:
-            raise problems[0]
-        for start in range(0, len(examples), 256):
-            chunk = examples[start : start + 256]
-            if limit is not None:
-                chunk = chunk[: limit - index]
+    for spec in config.data.train:  # streamed: 256 converted rows at a time
+        items = iter_examples(spec, config.resolve_path)
+        for block in iter(lambda items=items: list(itertools.islice(items, 256)), []):
+            problem = next((item for item in block if isinstance(item, RowError)), None)
+            if problem is not None:
+                raise problem
+            chunk = block if limit is None else block[: limit - index]
             for (src, _), enc in zip(chunk, full.encode([ex for _, ex in chunk]), strict=True):
                 ids, labels, dropped = enc.input_ids, enc.labels, enc.drop_reason
                 if dropped is None:
@@ -161,11 +161,13 @@ def validate(config: Config, bundle: TokenizerBundle | None = None) -> Validatio
     masker = build_masker(config, bundle)
     result = ValidationResult()
     for spec in [*config.data.train, *(config.data.eval or [])]:
-        examples, problems = convert_all(spec, resolve=config.resolve_path)
         result.files.append(config.resolve_path(spec.path))
-        result.rows += len(examples) + len(problems)
-        result.problems += problems
-        for src, ex in examples:
+        for item in iter_examples(spec, config.resolve_path):  # streamed: one row at a time
+            result.rows += 1
+            if isinstance(item, RowError):
+                result.problems.append(item)
+                continue
+            src, ex = item
             if isinstance(ex, Conversation):
                 problem = masker.nothing_to_train(ex)
                 if problem is None:
@@ -217,14 +219,22 @@ def compute_stats(
 
 def token_counts(dataset: Any, batch_size: int = 65536) -> tuple[np.ndarray, int]:
     """Each row's length and the number of trained tokens, read from the Arrow columns a batch at
-    a time (never as Python lists of every token: a large dataset stays memory-mapped)."""
+    a time (never as Python lists of every token: a large dataset stays memory-mapped).
+
+    The lengths come from the list offsets and the trained count from the `trained_tokens`
+    column the pipeline writes, so the token values themselves are never read: reading them
+    would page the whole memory-mapped table into this process (counted as its memory)."""
     import pyarrow.compute as pc
 
+    per_row = "trained_tokens" in dataset.column_names
     lengths, trained = [], 0
     for table in dataset.with_format("arrow").iter(batch_size=batch_size):
         lengths.append(pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False))
-        labels = pc.list_flatten(table.column("labels"))
-        trained += int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
+        if per_row:
+            trained += int(pc.sum(table.column("trained_tokens")).as_py() or 0)
+        else:  # a dataset from elsewhere: count the labels
+            labels = pc.list_flatten(table.column("labels"))
+            trained += int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
     return (np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)), trained
 
 
