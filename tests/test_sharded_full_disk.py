@@ -73,7 +73,7 @@ def _checkpoint_bytes(tmp_path: Path) -> int:
     return sum(f.stat().st_size for f in probe.rglob("*") if f.is_file())
 
 
-def test_a_full_disk_during_a_sharded_checkpoint_stops_every_rank_clearly(tmp_path, small_disk):
+def test_a_full_disk_during_a_sharded_checkpoint_stops_every_rank_clearly(tmp_path, small_disk):  # noqa: F811
     root = small_disk(int(_checkpoint_bytes(tmp_path) * 1.5)) / "checkpoints"
     script = tmp_path / "save_twice.py"
     script.write_text(SAVE_TWICE)
