@@ -305,7 +305,9 @@ def _save_sharded(
         fsync_file(rng_file)
 
     # Every rank's shards and RNG file are on disk, or every rank raises the same error.
-    _on_every_rank_or_none(write_shards, final, lambda: _tensor_bytes([model_state, optim_state]), tmp, world)
+    _on_every_rank_or_none(
+        write_shards, final, lambda: _sharded_bytes(root, [model_state, optim_state]), tmp, world
+    )
     if world.is_main:
         hint = "keep fewer checkpoints with train.keep_last, or free some space, and resume"
         with disk_full_guard(f"checkpoint {final}", root, lambda: _size_of(tmp), tmp, hint):
@@ -334,23 +336,55 @@ def _on_every_rank_or_none(write, final: Path, needed, tmp: Path, world: World) 
     try:
         write()
         error = None
-    except Exception as e:  # shared with the other ranks below, then raised
-        error = e
-    full = error is not None and is_disk_full(error, final.parent, needed)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # shared with the other ranks below, then raised
+        error = e  # (DCP's CheckpointException is a BaseException)
+    full = error is not None and is_disk_full(_first_cause(error), final.parent, needed)
     outcomes: list[Any] = [None] * world.world_size
     dist.all_gather_object(outcomes, (error is not None, full, None if error is None else str(error)[:500]))
     if not any(failed for failed, _, _ in outcomes):
         return
     dist.barrier()  # every rank has stopped writing before the folder goes
     hint = "keep fewer checkpoints with train.keep_last, or free some space, and resume"
-    cleanup = tmp if world.is_main else None
-    with disk_full_guard(f"checkpoint {final}", final.parent, needed, cleanup, hint):
-        if any(full for _, full, _ in outcomes):
-            raise OSError(errno.ENOSPC, f"no space left on device on a rank writing {tmp}")
-        if error is not None:
-            raise error
-        rank, message = next((r, m) for r, (failed, _, m) in enumerate(outcomes) if failed)
-        raise ExemplarError(f"rank {rank} failed while writing checkpoint {final}: {message}")
+
+    def raise_outcome() -> None:
+        with disk_full_guard(
+            f"checkpoint {final}", final.parent, needed, tmp if world.is_main else None, hint
+        ):
+            if any(full for _, full, _ in outcomes):
+                raise OSError(errno.ENOSPC, f"no space left on device on a rank writing {tmp}")
+            if error is not None:
+                raise error
+            rank, message = next((r, m) for r, (failed, _, m) in enumerate(outcomes) if failed)
+            raise ExemplarError(f"rank {rank} failed while writing checkpoint {final}: {message}")
+
+    # Rank 0 removes the partial folder first, so every rank reports the same free space.
+    if world.is_main:
+        try:
+            raise_outcome()
+        finally:
+            dist.barrier()
+    dist.barrier()
+    raise_outcome()
+
+
+def _first_cause(error: BaseException) -> BaseException:
+    """DCP gathers every rank's exception into one CheckpointException (`failures`: rank ->
+    (exception, traceback)); the first rank's own exception says what happened."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        cause = next(iter(failures.values()))
+        if isinstance(cause, tuple) and cause and isinstance(cause[0], BaseException):
+            return cause[0]
+    return error
+
+
+def _sharded_bytes(root: Path, states: list[Any]) -> int:
+    """About what a sharded checkpoint takes: the newest one's size (the same model and
+    optimizer), or else the tensors' bytes."""
+    done = list_checkpoints(root)
+    return _size_of(done[-1][1]) if done else _tensor_bytes(states)
 
 
 def _tensor_bytes(states: list[Any]) -> int:
