@@ -388,7 +388,7 @@ def _sharded_bytes(root: Path, states: list[Any]) -> int:
 
 
 def _tensor_bytes(states: list[Any]) -> int:
-    """Bytes of every tensor in nested state dicts (a DTensor counts its whole, unsharded size)."""
+    """Bytes of every tensor in nested state dicts."""
     total = 0
     for state in states:
         if isinstance(state, torch.Tensor):
