@@ -1,6 +1,7 @@
 """A full disk while 2 ranks (torchrun, Gloo on CPU, FSDP2) write a sharded checkpoint: every rank
 stops with the clear message naming the checkpoint and the space needed, the previous checkpoint
-is intact and no partial folder is left. The disk is a real tmpfs with room for one checkpoint."""
+is intact and no partial folder is left. The disk is a real tmpfs, filled but for half a checkpoint
+after the first one."""
 
 from __future__ import annotations
 
@@ -12,11 +13,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
-from exemplar.train.checkpoint import checkpoint_problem, save_checkpoint
+from exemplar.train.checkpoint import checkpoint_problem
 from tests.test_checkpoint_safety import small_disk  # noqa: F401 (a fixture)
-from tests.train_helpers import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,11 +23,11 @@ pytestmark = pytest.mark.skipif(
     shutil.which("mount") is None or os.geteuid() != 0, reason="mounting a tmpfs needs root"
 )
 
-# Each rank: a tiny model sharded with FSDP2, one optimizer step, checkpoint 1 (fits), checkpoint 2
-# (does not); prints what each save did.
+# Each rank: a tiny model sharded with FSDP2, one optimizer step, checkpoint 1, then a file fills
+# the disk but for half a checkpoint, and checkpoint 2; prints what each save did.
 SAVE_TWICE = textwrap.dedent(
     """
-    import os, sys
+    import os, shutil, sys
     from pathlib import Path
 
     import torch
@@ -50,6 +49,11 @@ SAVE_TWICE = textwrap.dedent(
     root = Path(sys.argv[1])
     save_checkpoint(root, 1, **kwargs)
     print(f"rank {world.rank}: saved 1", flush=True)
+    if world.is_main:  # leave room for half a checkpoint more
+        size = sum(f.stat().st_size for f in (root / "step-000001").rglob("*") if f.is_file())
+        free = shutil.disk_usage(root).free
+        (root.parent / "filler").write_bytes(b"x" * (free - size // 2))
+    dist.barrier()
     try:
         save_checkpoint(root, 2, **kwargs)
         print(f"rank {world.rank}: saved 2", flush=True)
@@ -60,21 +64,8 @@ SAVE_TWICE = textwrap.dedent(
 )
 
 
-def _checkpoint_bytes(tmp_path: Path) -> int:
-    """The size of the same model's single-process checkpoint: what a sharded one holds, give or
-    take DCP's metadata."""
-    model = tiny_model()
-    optimizer = torch.optim.AdamW(model.parameters())
-    model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
-    optimizer.step()
-    probe = save_checkpoint(
-        tmp_path / "probe", 1, model=model, optimizer=optimizer, schedule={}, trainer_state={"step": 1}
-    )
-    return sum(f.stat().st_size for f in probe.rglob("*") if f.is_file())
-
-
 def test_a_full_disk_during_a_sharded_checkpoint_stops_every_rank_clearly(tmp_path, small_disk):  # noqa: F811
-    root = small_disk(int(_checkpoint_bytes(tmp_path) * 1.5)) / "checkpoints"
+    root = small_disk(16 * 2**20) / "checkpoints"
     script = tmp_path / "save_twice.py"
     script.write_text(SAVE_TWICE)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
