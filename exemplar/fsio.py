@@ -96,7 +96,7 @@ def disk_full_guard(
     try:
         yield
     except BaseException as e:
-        full = _is_disk_full(e, folder, needed)
+        full = is_disk_full(e, folder, needed)
         if cleanup is not None:
             shutil.rmtree(cleanup, ignore_errors=True)
         if full:
@@ -108,7 +108,8 @@ def disk_full_guard(
         raise
 
 
-def _is_disk_full(e: BaseException, folder: Path, needed: Callable[[], int]) -> bool:
+def is_disk_full(e: BaseException, folder: Path, needed: Callable[[], int]) -> bool:
+    """Whether `e`, raised while writing under `folder`, means the disk is full."""
     # safetensors and json report ENOSPC as an OSError with its errno; torch.save's C++ writer
     # raises a RuntimeError with no errno and a message about stream positions
     # ("inline_container.cc ... unexpected pos"), safetensors its own error type. So: the errno

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from exemplar.data.length_bound import TokenLowerBound
 from exemplar.data.masking import ChatMasker, Piece
 from exemplar.data.pieces import Chunk, PieceTokenizer
 from exemplar.data.schema import IGNORE_INDEX, Conversation, Example, TextDocument, TokenizedExample
@@ -94,6 +95,9 @@ class Encoder:
         self.eos_id = tokenizer.eos_token_id
         probe = tokenizer("a")["input_ids"]
         self.adds_bos = self.bos_id is not None and bool(probe) and probe[0] == self.bos_id
+        # Under the drop policy, a row whose text alone surely exceeds max_length is dropped
+        # without tokenizing it (a huge row would need gigabytes): see length_bound.py.
+        self.length_bound = TokenLowerBound(tokenizer.backend_tokenizer) if truncation == "drop" else None
 
     # -- one batch: render, then tokenize ---------------------------------------------------
 
@@ -111,17 +115,32 @@ class Encoder:
                 except TemplateError as e:
                     slots.append(Encoded([], [], DROP_TEMPLATE, detail=str(e)))
                     continue
+                if self._surely_too_long(rendered.pieces):
+                    slots.append(Encoded([], [], DROP_TOO_LONG))
+                    continue
                 slots.append((len(rows), rendered))
                 rows.append(rendered.pieces)
             elif isinstance(ex, TextDocument):
+                pieces = [Piece(ex.text, content=True, trained=True)]
+                if self._surely_too_long(pieces):
+                    slots.append(Encoded([], [], DROP_TOO_LONG))
+                    continue
                 slots.append((len(rows), None))
-                rows.append([Piece(ex.text, content=True, trained=True)])
+                rows.append(pieces)
             elif isinstance(ex, TokenizedExample):
                 labels = ex.labels if ex.labels is not None else list(ex.input_ids)
                 slots.append(Encoded(list(ex.input_ids), list(labels)))
             else:
                 raise TypeError(f"not an example: {type(ex).__name__}")
         return slots, self.pieces.plan(rows)
+
+    def _surely_too_long(self, pieces: Sequence[Piece]) -> bool:
+        """Whether the pieces' text alone needs more than max_length tokens. Only rows with a
+        trained piece: one with none is dropped as having nothing to train, a reason that comes
+        first."""
+        if self.length_bound is None or not any(p.trained for p in pieces):
+            return False
+        return self.length_bound.exceeds([p.text for p in pieces], self.max_length)
 
     def _batches(
         self, examples: Iterable[Example]

@@ -15,7 +15,7 @@ import numpy as np
 
 from exemplar.config import Config
 from exemplar.data.encode import Encoder
-from exemplar.data.formats import convert_all, iter_examples
+from exemplar.data.formats import iter_examples
 from exemplar.data.pipeline import build_masker, prepare_data, splits_turns
 from exemplar.data.schema import IGNORE_INDEX, Conversation, Example, SourceRow
 from exemplar.data.tokenizer import TokenizerBundle, load_tokenizer
@@ -218,16 +218,19 @@ def validate(config: Config, bundle: TokenizerBundle | None = None) -> Validatio
     split = splits_turns(config.mask)
     for spec in [*config.data.train, *(config.data.eval or [])]:
         decided: dict[str, tuple[str, str]] = {}
-        examples, problems = convert_all(spec, config.resolve_path, decided)
         result.files.append(config.resolve_path(spec.path))
-        result.formats.update({file: fmt for file, (fmt, _) in decided.items()})
-        result.rows += len(examples) + len(problems)
-        result.problems += problems
-        for src, ex in examples:
+        for item in iter_examples(spec, config.resolve_path, decided):  # streamed: one row at a time
+            result.rows += 1
+            if isinstance(item, RowError):
+                result.problems.append(item)
+                continue
+            src, ex = item
+            result.formats.setdefault(src.file, decided.get(src.file, (spec.format,))[0])
             if isinstance(ex, Conversation):
                 problem = _conversation_problem(masker, ex, split)
                 if problem is not None:
                     result.problems.append(RowError(src.file, src.location, "messages", problem))
+        result.formats.update({file: fmt for file, (fmt, _) in decided.items()})
     return result
 
 
@@ -293,14 +296,22 @@ def compute_stats(
 
 def token_counts(dataset: Any, batch_size: int = 65536) -> tuple[np.ndarray, int]:
     """Each row's length and the number of trained tokens, read from the Arrow columns a batch at
-    a time (never as Python lists of every token: a large dataset stays memory-mapped)."""
+    a time (never as Python lists of every token: a large dataset stays memory-mapped).
+
+    The lengths come from the list offsets and the trained count from the `trained_tokens`
+    column the pipeline writes, so the token values themselves are never read: reading them
+    would page the whole memory-mapped table into this process (counted as its memory)."""
     import pyarrow.compute as pc
 
+    per_row = "trained_tokens" in dataset.column_names
     lengths, trained = [], 0
     for table in dataset.with_format("arrow").iter(batch_size=batch_size):
         lengths.append(pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False))
-        labels = pc.list_flatten(table.column("labels"))
-        trained += int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
+        if per_row:
+            trained += int(pc.sum(table.column("trained_tokens")).as_py() or 0)
+        else:  # a dataset from elsewhere: count the labels
+            labels = pc.list_flatten(table.column("labels"))
+            trained += int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
     return (np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)), trained
 
 

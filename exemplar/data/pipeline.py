@@ -21,34 +21,32 @@ import logging
 import os
 import shutil
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from exemplar.config import Config, DatasetSpec, load_config
 from exemplar.data.encode import Encoder
-from exemplar.data.formats import CONVERTERS, convert_rows, describe_format, format_decisions
+from exemplar.data.encode_stream import Tally, encode_to_arrow, token_features
+from exemplar.data.formats import CONVERTERS, describe_format
 from exemplar.data.masking import ChatMasker
-from exemplar.data.registry import UserFormat, install, user_formats
-from exemplar.data.schema import Conversation, SourceRow
+from exemplar.data.registry import UserFormat
 from exemplar.data.sources import Source, sources, train_sources
 from exemplar.data.tokenizer import TokenizerBundle, load_tokenizer
-from exemplar.data.turns import every_turn
-from exemplar.errors import DataError, RowError
+from exemplar.data.turns import splits_turns  # noqa: F401 (re-exported: inspect, evaluation)
+from exemplar.errors import DataError
 from exemplar.fsio import atomic_write_json, disk_full_guard
 
 log = logging.getLogger(__name__)
 
 # Bump when the encoding logic changes, so caches written by older code are not reused.
-PIPELINE_VERSION = "4"  # 3: reasoning/preference formats, every_turn; 4: masks of tool calls and reasoning (issue 9)
-# Below this many rows a single process is faster than starting workers.
-_PARALLEL_MIN_ROWS = 4096
+PIPELINE_VERSION = "5"  # 3: formats, every_turn; 4: tool-call and reasoning masks; 5: streamed cache
+# A cached dataset's tokens (an Arrow IPC stream, memory-mapped when loaded) beside report.json.
+TOKENS_FILE = "tokens.arrow"
 
 
 @dataclass
@@ -215,9 +213,11 @@ def encode_source(
     use_cache: bool = True,
     progress: bool = True,
 ) -> tuple[Any, SourceReport]:
-    """One dataset (a config entry, or a `Source` with rows in memory) as token rows + report."""
-    from datasets import load_from_disk
+    """One dataset (a config entry, or a `Source` with rows in memory) as token rows + report.
 
+    Cached (the default for files), the tokens stream to an Arrow file in the cache and the
+    dataset memory-maps it: memory stays bounded whatever the input size (see encode_stream.py).
+    Uncached, the Arrow stream is held in memory."""
     source = source if isinstance(source, Source) else Source(source)
     spec, path = source.spec, source.label(config)
     use_cache = use_cache and cacheable(source)
@@ -227,26 +227,103 @@ def encode_source(
     if use_cache and (folder / "report.json").is_file():
         report = SourceReport(**json.loads((folder / "report.json").read_text()))
         report.cached = True
-        if report.kept == 0:  # nothing kept: no data was saved (datasets cannot load 0 shards)
-            return _empty_dataset(key), report
-        return load_from_disk(str(folder / "data")), report
+        return _mapped_tokens(folder / TOKENS_FILE, key), report
+    if use_cache:
+        return _encode_into_cache(source, encoder, path, config, progress, folder)
+    import pyarrow as pa
 
-    with cyclic_gc_paused():
-        (columns, where, problems), formats = _encode_rows(source, encoder, path, config, progress)
-    if problems and not config.data.skip_invalid:
-        shown = "\n".join(f"  {p}" for p in problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+    sink = pa.BufferOutputStream()
+    tally = _encode(source, encoder, path, config, progress, sink)
+    table = pa.ipc.open_stream(sink.getvalue()).read_all()
+    return _tokens_dataset(table, key, in_memory=True), _source_report(path, tally)
+
+
+def _encode(source: Source, encoder: Encoder, path: str, config: Config, progress: bool, sink: Any) -> Tally:
+    """Encode every row into the Arrow stream `sink`; invalid rows (unless skipped) raise once
+    every row was seen, naming the first few."""
+    num_proc = config.data.num_proc or min(os.cpu_count() or 1, 8)
+    with (
+        cyclic_gc_paused(),
+        tqdm(desc=f"Tokenizing {Path(path).name}", unit=" rows", disable=not progress) as bar,
+    ):
+        tally = encode_to_arrow(source.read(config), source.spec, encoder, num_proc, sink, bar.update)
+    if tally.invalid and not config.data.skip_invalid:
+        shown = "\n".join(f"  {p}" for p in tally.problems[:10])
+        more = f"\n  ... and {tally.invalid - 10} more" if tally.invalid > 10 else ""
         hint = "" if source.in_memory else " (run `exemplar data validate` to list them all)"
         hint += "; set data.skip_invalid: true to train on the valid rows"
-        raise DataError(f"{len(problems)} invalid rows in {path}{hint}:\n{shown}{more}", problems)
-    ds, report = _dataset(columns, where, path, fingerprint=key)
-    report.invalid, report.invalid_examples = len(problems), [str(p) for p in problems[:5]]
-    report.formats = formats
-    if splits_turns(config.mask):
-        _count_turn_examples(report, where)
-    if use_cache:
-        _write_cache(folder, ds, report)
-    return ds, report
+        raise DataError(f"{tally.invalid} invalid rows in {path}{hint}:\n{shown}{more}", tally.problems)
+    return tally
+
+
+def _source_report(path: str, tally: Tally) -> SourceReport:
+    return SourceReport(
+        path=path,
+        rows=tally.conversations if tally.turn_examples else tally.rows,
+        kept=tally.kept,
+        dropped=dict(tally.dropped),
+        turns_without_stop=tally.turns_without_stop,
+        dropped_fields=dict(tally.dropped_fields),
+        formats=dict(tally.formats),
+        turn_examples=tally.turn_examples,
+        turn_conversations=tally.conversations if tally.turn_examples else 0,
+        template_errors=tally.template_errors,
+        invalid=tally.invalid,
+        invalid_examples=[str(p) for p in tally.problems[:5]],
+    )
+
+
+def _encode_into_cache(
+    source: Source, encoder: Encoder, path: str, config: Config, progress: bool, folder: Path
+) -> tuple[Any, SourceReport]:
+    """Write to a temporary sibling, then rename: a crash never leaves a half-written cache, and
+    a full disk or an error leaves no temporary folder."""
+    import pyarrow as pa
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
+    file = tmp / TOKENS_FILE
+    hint = "set data.cache_dir (or $EXEMPLAR_CACHE) to a disk with room"
+    try:
+        # The space needed is known only once written: the guard names what was written so far.
+        with disk_full_guard(f"the data cache {folder}", folder.parent, lambda: _size(file), tmp, hint):
+            tmp.mkdir()
+            with pa.OSFile(str(file), "wb") as sink:
+                tally = _encode(source, encoder, path, config, progress, sink)
+            report = _source_report(path, tally)
+            atomic_write_json(tmp / "report.json", asdict(report))
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed
+    return _mapped_tokens(folder / TOKENS_FILE, folder.name), report
+
+
+def _size(file: Path) -> int:
+    try:
+        return file.stat().st_size
+    except OSError:
+        return 0
+
+
+def _mapped_tokens(file: Path, fingerprint: str) -> Any:
+    from datasets.table import MemoryMappedTable
+
+    return _tokens_dataset(MemoryMappedTable.from_file(str(file)), fingerprint)
+
+
+def _tokens_dataset(table: Any, fingerprint: str, in_memory: bool = False) -> Any:
+    """The kept examples as a `datasets.Dataset` (input_ids, labels, row, trained_tokens).
+
+    The dataset's fingerprint is the cache key (it covers everything the rows depend on), which
+    spares `datasets` from hashing the whole table."""
+    from datasets import Dataset, DatasetInfo
+    from datasets.table import InMemoryTable
+
+    if in_memory:
+        table = InMemoryTable(table)
+    return Dataset(table, info=DatasetInfo(features=token_features()), fingerprint=fingerprint)
 
 
 @contextmanager
@@ -267,204 +344,6 @@ def cyclic_gc_paused() -> Iterator[None]:
 def cacheable(source: Source) -> bool:
     """Whether the result can be found again by a fingerprint (see the module docstring)."""
     return not source.in_memory and not isinstance(CONVERTERS.get(source.spec.format), UserFormat)
-
-
-def _encode_rows(source: Source, encoder: Encoder, path: str, config: Config, progress: bool):
-    """Read, convert and encode every row: ((columns, (file, location) per example, problems),
-    the format of each file).
-
-    One process: rows stream from the file through conversion and rendering while the tokenizer
-    (on every core) works on the previous batch. num_proc > 1 (and enough rows): the rows are
-    read here, and each forked worker process converts and encodes a contiguous share, with its
-    tokenizer on one core.
-    """
-    num_proc = config.data.num_proc or min(os.cpu_count() or 1, 8)
-    desc = f"Tokenizing {Path(path).name}"
-    spec = source.spec
-    rows: Any = source.read(config)
-    if num_proc > 1:
-        rows = list(rows)
-        if len(rows) >= _PARALLEL_MIN_ROWS:
-            return _encode_in_workers(encoder, rows, spec, num_proc, progress, desc), _formats_of(rows, spec)
-    decided: dict[str, tuple[str, str]] = {}
-    with tqdm(desc=desc, unit=" examples", disable=not progress) as bar:
-        encoded = encode_examples(encoder, convert_rows(rows, spec, decided), bar.update)
-    return encoded, {file: fmt for file, (fmt, _) in decided.items()}
-
-
-def _formats_of(rows: list, spec: DatasetSpec) -> dict[str, str]:
-    """The format each file of the read rows is converted as (what one pass would decide)."""
-    if spec.format == "auto":
-        return {file: fmt for file, (_, fmt, _) in format_decisions(rows, spec).items()}
-    return {row.file: spec.format for row in rows if isinstance(row, SourceRow)}
-
-
-def encode_examples(encoder: Encoder, converted, on_batch=None):
-    """The conversation-level seam: (source, example) pairs, or RowErrors in their place, as
-    `formats.convert_rows` yields them, in; token columns out: (columns, where, problems).
-    A stage that reads or edits conversations (curation) sits between the two."""
-    where: list[tuple[str, str]] = []
-    problems: list[RowError] = []
-    masker = encoder.masker
-    split = masker is not None and splits_turns(masker.mask)
-
-    def examples():
-        for item in converted:
-            if isinstance(item, RowError):
-                problems.append(item)
-                continue
-            src, example = item
-            empty = (
-                encoder.masker.nothing_to_train(example)
-                if encoder.masker and isinstance(example, Conversation)
-                else None
-            )
-            if empty is not None:
-                problems.append(RowError(src.file, src.location, "messages", empty))
-                continue
-            parts = [example]
-            if split and isinstance(example, Conversation):
-                parts = every_turn(example, masker.trained_messages(example))
-            for part in parts:
-                where.append((src.file, src.location))
-                yield part
-
-    columns = encoder.encode_columns(examples(), on_batch=on_batch)
-    return columns, where, problems
-
-
-def splits_turns(mask: Any) -> bool:
-    """Whether `mask.reasoning: every_turn` makes an example of each trained turn (with every
-    token trained there are no turns to tell apart)."""
-    return mask.reasoning == "every_turn" and not mask.train_on_everything
-
-
-def _count_turn_examples(report: SourceReport, where: list[tuple[str, str]]) -> None:
-    """With every_turn, the examples of one row sit together in `where`: count the rows."""
-    rows = sum(1 for k, place in enumerate(where) if k == 0 or place != where[k - 1])
-    report.turn_examples, report.turn_conversations = len(where), rows
-    report.rows = rows
-
-
-def _dataset(columns, where: list[tuple[str, str]], path: str, fingerprint: str):
-    """The kept examples as a `datasets.Dataset` (input_ids, labels, row), and the report.
-
-    The dataset's fingerprint is the cache key (it covers everything the rows depend on), which
-    spares `datasets` from hashing the whole table."""
-    import pyarrow as pa
-    from datasets import Dataset, DatasetInfo, Features, List, Value
-    from datasets.table import InMemoryTable
-
-    report = SourceReport(path=path, rows=len(columns.drop_reasons))
-    report.dropped = dict(Counter(r for r in columns.drop_reasons if r))
-    report.turns_without_stop = int(columns.turns_without_stop)
-    report.dropped_fields = dict(columns.dropped_fields)
-    failed = sorted(columns.details)[:5]
-    report.template_errors = [f"{where[i][0]}, {where[i][1]}: {columns.details[i]}" for i in failed]
-    report.kept = len(columns.kept)
-    offsets = pa.array(columns.offsets.astype(np.int32) if columns.offsets[-1] < 2**31 else columns.offsets)
-    list_type = pa.list_ if offsets.type == pa.int32() else pa.large_list
-    table = pa.table(
-        {
-            "input_ids": _list_array(list_type, offsets, columns.input_ids),
-            "labels": _list_array(list_type, offsets, columns.labels),
-            "row": pa.array(columns.kept, type=pa.int64()),
-        }
-    )
-    features = Features(
-        {"input_ids": List(Value("int32")), "labels": List(Value("int32")), "row": Value("int64")}
-    )
-    info = DatasetInfo(features=features) if list_type is pa.list_ else None
-    return Dataset(InMemoryTable(table), info=info, fingerprint=fingerprint), report
-
-
-def _empty_dataset(fingerprint: str):
-    """The dataset of a source that kept no example, with the usual columns."""
-    from datasets import Dataset, Features, List, Value
-
-    features = Features(
-        {"input_ids": List(Value("int32")), "labels": List(Value("int32")), "row": Value("int64")}
-    )
-    return Dataset.from_dict({"input_ids": [], "labels": [], "row": []}, features=features)
-
-
-def _list_array(list_type, offsets, values):
-    import pyarrow as pa
-
-    array_type = pa.ListArray if list_type is pa.list_ else pa.LargeListArray
-    return array_type.from_arrays(offsets, pa.array(values, type=pa.int32()))
-
-
-# What forked workers share with the parent without pickling it (set only around the fork).
-_SHARED: tuple[Encoder, list, DatasetSpec] | None = None
-
-
-def _encode_in_workers(
-    encoder: Encoder, rows: list, spec: DatasetSpec, num_proc: int, progress: bool, desc: str
-):
-    """Contiguous shares of the read rows converted and encoded in `num_proc` worker processes;
-    results joined in input order, exactly as one pass would give them."""
-    import multiprocessing as mp
-
-    from exemplar.data.encode import EncodedColumns
-
-    global _SHARED
-    num_proc = min(num_proc, len(rows))
-    bounds = [len(rows) * k // num_proc for k in range(num_proc + 1)]
-    decided = format_decisions(rows, spec)
-    shards = []
-    for a, b in zip(bounds, bounds[1:], strict=False):
-        # The `format: auto` decisions a single pass would have made before row a.
-        known = {f: (fmt, where) for f, (i, fmt, where) in decided.items() if i < a}
-        shards.append((a, b, known))
-    fork = "fork" in mp.get_all_start_methods()
-    # Each worker gets one core's share: its tokenizer runs single-threaded (set before the fork,
-    # so the tokenizers library also stays quiet about forking after using its thread pool).
-    saved = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        if fork:
-            _SHARED = (encoder, rows, spec)
-            pool = mp.get_context("fork").Pool(num_proc)
-            jobs = [(None, a, b, known) for a, b, known in shards]
-        else:
-            pool = mp.get_context("spawn").Pool(num_proc)
-            # Spawned workers start with the built-in formats only: send the registered ones.
-            extra = user_formats()
-            jobs = [((encoder, rows[a:b], spec, extra), 0, b - a, known) for a, b, known in shards]
-    finally:
-        _SHARED = None
-        if saved is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = saved
-    parts, where, problems = [], [], []
-    with pool, tqdm(total=len(rows), desc=desc, unit=" rows", disable=not progress) as bar:
-        for (columns, part_where, part_problems), (a, b, _) in zip(
-            pool.imap(_encode_shard, jobs), shards, strict=True
-        ):
-            parts.append(columns)
-            where += part_where
-            problems += part_problems
-            bar.update(b - a)
-    starts = np.cumsum([0] + [len(p.drop_reasons) for p in parts[:-1]]).tolist()
-    return EncodedColumns.concat(parts, starts), where, problems
-
-
-def _encode_shard(job):
-    work, start, end, known = job
-    if work is None:
-        encoder, rows, spec = _shared_in_child()
-    else:
-        encoder, rows, spec, extra = work
-        install(extra)
-    return encode_examples(encoder, convert_rows(rows[start:end], spec, dict(known)))
-
-
-def _shared_in_child():
-    if _SHARED is None:
-        raise RuntimeError("worker started without the shared rows")
-    return _SHARED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,19 +383,3 @@ def files_fingerprint(path: str) -> str:
             for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
-
-
-def _write_cache(folder: Path, ds: Any, report: SourceReport) -> None:
-    """Write to a temporary sibling, then rename: a crash never leaves a half-written cache."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
-    hint = "set data.cache_dir (or $EXEMPLAR_CACHE) to a disk with room"
-    with disk_full_guard(f"the data cache {folder}", folder.parent, lambda: ds.data.nbytes, tmp, hint):
-        if len(ds):
-            ds.save_to_disk(str(tmp / "data"))
-        else:
-            tmp.mkdir()
-        atomic_write_json(tmp / "report.json", asdict(report))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)

@@ -330,6 +330,11 @@ def _csv_row(path: Path, location: str, index: int, header: list[str], cells: li
             except json.JSONDecodeError as e:
                 if name != "tools":  # tools may stay a string; formats reports it precisely
                     return RowError(str(path), location, name, f"cell is not valid JSON: {e.msg}")
+        elif name != "tools":  # these fields are lists: plain text here is the wrong column type
+            shown = cell if len(cell) <= 40 else cell[:40] + "..."
+            return RowError(
+                str(path), location, name, f"the cell must hold a JSON list, got the text {shown!r}"
+            )
     for name in CSV_MAYBE_JSON_FIELDS:
         cell = data.get(name)
         if isinstance(cell, str) and cell.lstrip().startswith("[{"):

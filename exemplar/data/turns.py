@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from exemplar.data.schema import Conversation, Example
 
@@ -31,3 +32,9 @@ def every_turn(example: Example, trained: Sequence[int]) -> list[Example]:
 def _up_to(conv: Conversation, turn: int) -> Conversation:
     messages = [replace(m, train=(j == turn)) for j, m in enumerate(conv.messages[: turn + 1])]
     return Conversation(messages=messages, tools=conv.tools, meta=conv.meta)
+
+
+def splits_turns(mask: Any) -> bool:
+    """Whether `mask.reasoning: every_turn` makes an example of each trained turn (with every
+    token trained there are no turns to tell apart)."""
+    return mask.reasoning == "every_turn" and not mask.train_on_everything

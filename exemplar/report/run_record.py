@@ -69,16 +69,9 @@ def data_stats(prepared: Any, max_length: int) -> dict[str, Any]:
     Read with pyarrow in batches (lengths and label counts per batch), never as Python lists of
     every label: cheap next to training even for large sets.
     """
-    import numpy as np
-    import pyarrow.compute as pc
+    from exemplar.data.inspect import histogram, token_counts
 
-    from exemplar.data.inspect import histogram
-
-    lengths, trained = [], 0
-    for batch in prepared.train.with_format("arrow").iter(batch_size=8192):
-        lengths.append(pc.list_value_length(batch["input_ids"]).to_numpy(zero_copy_only=False))
-        trained += pc.sum(pc.not_equal(pc.list_flatten(batch["labels"]), IGNORE_INDEX)).as_py() or 0
-    all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    all_lengths, trained = token_counts(prepared.train)
     tokens = int(all_lengths.sum())
     dropped: Counter[str] = Counter()
     for report in prepared.reports:

@@ -32,6 +32,7 @@ resume on a different number of ranks than it was saved from.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -51,7 +52,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from exemplar.errors import ExemplarError
-from exemplar.fsio import atomic_write_json, disk_full_guard, fsync_dir, fsync_file
+from exemplar.fsio import atomic_write_json, disk_full_guard, fsync_dir, fsync_file, is_disk_full
 
 if TYPE_CHECKING:
     from exemplar.train.distributed import World
@@ -296,22 +297,111 @@ def _save_sharded(
         _empty_tmp(root, tmp.name)
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer, options=_state_options(model))
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / SHARDED_DIR))
-    rng_file = tmp / f"rng-rank{world.rank}.pt"
-    torch.save(rng_state(), rng_file)
-    fsync_file(rng_file)
-    dist.barrier()  # every rank's shards and RNG file are on disk
+
+    def write_shards() -> None:
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / SHARDED_DIR))
+        rng_file = tmp / f"rng-rank{world.rank}.pt"
+        torch.save(rng_state(), rng_file)
+        fsync_file(rng_file)
+
+    # Every rank's shards and RNG file are on disk, or every rank raises the same error.
+    _on_every_rank_or_none(
+        write_shards, final, lambda: _sharded_bytes(root, [model_state, optim_state]), tmp, world
+    )
     if world.is_main:
-        atomic_write_json(tmp / "scheduler.json", schedule, sort_keys=True)
-        atomic_write_json(
-            tmp / "trainer_state.json",
-            {**trainer_state, "format": "sharded", "world_size": world.world_size},
-            sort_keys=True,
-        )
-        _write_manifest(tmp)
-        _publish(tmp, final)
-    dist.barrier()  # nobody goes on (and prunes or resumes) before the folder is in place
+        hint = "keep fewer checkpoints with train.keep_last, or free some space, and resume"
+        with disk_full_guard(f"checkpoint {final}", root, lambda: _size_of(tmp), tmp, hint):
+            atomic_write_json(tmp / "scheduler.json", schedule, sort_keys=True)
+            atomic_write_json(
+                tmp / "trainer_state.json",
+                {**trainer_state, "format": "sharded", "world_size": world.world_size},
+                sort_keys=True,
+            )
+            _write_manifest(tmp)
+            _publish(tmp, final)
+    # Nobody goes on (and prunes or resumes) before the folder is in place; a failure of rank 0
+    # above reaches the others as a broken barrier when its process exits.
+    dist.barrier()
     return final
+
+
+def _on_every_rank_or_none(write, final: Path, needed, tmp: Path, world: World) -> None:
+    """Run this rank's part of a sharded save. A rank that fails (a full disk, most often) would
+    leave the others waiting at the next collective, so the outcome is shared first: then every
+    rank raises, a full disk as the clear message naming the checkpoint and the space needed
+    (the same on every rank), and rank 0 removes the partial folder. The previous checkpoints
+    are not touched."""
+    import torch.distributed as dist
+
+    try:
+        write()
+        error = None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # shared with the other ranks below, then raised
+        error = e  # (DCP's CheckpointException is a BaseException)
+    full = error is not None and is_disk_full(_first_cause(error), final.parent, needed)
+    outcomes: list[Any] = [None] * world.world_size
+    dist.all_gather_object(outcomes, (error is not None, full, None if error is None else str(error)[:500]))
+    if not any(failed for failed, _, _ in outcomes):
+        return
+    dist.barrier()  # every rank has stopped writing before the folder goes
+    hint = "keep fewer checkpoints with train.keep_last, or free some space, and resume"
+
+    def raise_outcome() -> None:
+        with disk_full_guard(
+            f"checkpoint {final}", final.parent, needed, tmp if world.is_main else None, hint
+        ):
+            if any(full for _, full, _ in outcomes):
+                raise OSError(errno.ENOSPC, f"no space left on device on a rank writing {tmp}")
+            if error is not None:
+                raise error
+            rank, message = next((r, m) for r, (failed, _, m) in enumerate(outcomes) if failed)
+            raise ExemplarError(f"rank {rank} failed while writing checkpoint {final}: {message}")
+
+    # Rank 0 removes the partial folder first, so every rank reports the same free space.
+    if world.is_main:
+        try:
+            raise_outcome()
+        finally:
+            dist.barrier()
+    dist.barrier()
+    raise_outcome()
+
+
+def _first_cause(error: BaseException) -> BaseException:
+    """DCP gathers every rank's exception into one CheckpointException (`failures`: rank ->
+    (exception, traceback)); the first rank's own exception says what happened."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        cause = next(iter(failures.values()))
+        if isinstance(cause, tuple) and cause and isinstance(cause[0], BaseException):
+            return cause[0]
+    return error
+
+
+def _sharded_bytes(root: Path, states: list[Any]) -> int:
+    """About what a sharded checkpoint takes: the newest one's size (the same model and
+    optimizer), or else the tensors' bytes."""
+    done = list_checkpoints(root)
+    return _size_of(done[-1][1]) if done else _tensor_bytes(states)
+
+
+def _tensor_bytes(states: list[Any]) -> int:
+    """Bytes of every tensor in nested state dicts."""
+    total = 0
+    for state in states:
+        if isinstance(state, torch.Tensor):
+            total += state.numel() * state.element_size()
+        elif isinstance(state, dict):
+            total += _tensor_bytes(list(state.values()))
+        elif isinstance(state, (list, tuple)):
+            total += _tensor_bytes(list(state))
+    return total
+
+
+def _size_of(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def _state_options(model: nn.Module, strict: bool = True, full: bool = False):
