@@ -24,7 +24,7 @@ from exemplar.config import DatasetSpec
 from exemplar.data.encode import ENCODE_BATCH, EncodedColumns, Encoder
 from exemplar.data.formats import convert_rows, format_decisions
 from exemplar.data.registry import install, user_formats
-from exemplar.data.schema import IGNORE_INDEX, Conversation
+from exemplar.data.schema import IGNORE_INDEX, Conversation, SourceRow
 from exemplar.data.turns import every_turn, splits_turns
 from exemplar.errors import RowError
 
@@ -108,20 +108,15 @@ def encode_to_arrow(
     import pyarrow as pa
 
     tally = Tally()
-    decided: dict[str, tuple[str, str]] = {}  # the `format: auto` decision of each file
-    files: dict[str, None] = {}
+    decided: dict[str, tuple[str, str]] = {}  # the format each file is read as (convert_rows')
     with pa.ipc.new_stream(sink, token_schema()) as writer:
         for columns, where, problems in encoded_chunks(rows, spec, encoder, num_proc, decided):
             if len(columns.kept):
                 writer.write_batch(record_batch(columns, first_row=tally.rows))
             tally.add(columns, where, problems)
-            files.update(dict.fromkeys(file for file, _ in where))
             if on_rows is not None:
                 on_rows(len(columns.drop_reasons) + len(problems))
-    if spec.format == "auto":
-        tally.formats = {file: fmt for file, (fmt, _) in decided.items()}
-    else:
-        tally.formats = dict.fromkeys(files, spec.format)
+    tally.formats = {file: fmt for file, (fmt, _) in decided.items()}
     if encoder.masker is not None and splits_turns(encoder.masker.mask):
         tally.turn_examples = tally.rows
     return tally
@@ -238,7 +233,10 @@ def _in_workers(
 
 
 def _learn_formats(decided: dict[str, tuple[str, str]], chunk: list[Any], spec: DatasetSpec) -> None:
-    if spec.format != "auto":
+    if spec.format != "auto":  # a forced format: recorded per file, as convert_rows does
+        for item in chunk:
+            if isinstance(item, SourceRow):
+                decided.setdefault(item.file, (spec.format, item.location))
         return
     for file, (_, fmt, where) in format_decisions(chunk, spec).items():
         decided.setdefault(file, (fmt, where))

@@ -225,7 +225,6 @@ def validate(config: Config, bundle: TokenizerBundle | None = None) -> Validatio
                 result.problems.append(item)
                 continue
             src, ex = item
-            result.formats.setdefault(src.file, decided.get(src.file, (spec.format,))[0])
             if isinstance(ex, Conversation):
                 problem = _conversation_problem(masker, ex, split)
                 if problem is not None:
