@@ -16,10 +16,10 @@ import numpy as np
 from exemplar.config import Config
 from exemplar.data.encode import Encoder
 from exemplar.data.formats import iter_examples
-from exemplar.data.pipeline import build_masker, prepare_data, splits_turns
+from exemplar.data.pipeline import build_masker, prepare_data
 from exemplar.data.schema import IGNORE_INDEX, Conversation, Example, SourceRow
 from exemplar.data.tokenizer import TokenizerBundle, load_tokenizer
-from exemplar.data.turns import every_turn
+from exemplar.data.turns import every_turn, splits_turns
 from exemplar.errors import RowError, TemplateError
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ from exemplar.data.masking import ChatMasker
 from exemplar.data.registry import UserFormat
 from exemplar.data.sources import Source, sources, train_sources
 from exemplar.data.tokenizer import TokenizerBundle, load_tokenizer
-from exemplar.data.turns import splits_turns  # noqa: F401 (re-exported: inspect, evaluation)
 from exemplar.errors import DataError
 from exemplar.fsio import atomic_write_json, disk_full_guard
 
