@@ -47,8 +47,17 @@ def multi_turn(inline: bool) -> Conversation:
 
 
 def test_reasoning_content_reaches_the_template():
-    assert Message("assistant", "a", reasoning_content="r").to_template_dict()["reasoning_content"] == "r"
+    rendered = Message("assistant", "a", reasoning_content="r").to_template_dict()
+    assert rendered["reasoning_content"] == rendered["thinking"] == "r"
     assert "reasoning_content" not in Message("assistant", "a").to_template_dict()
+
+
+def test_lfm_reads_reasoning_as_thinking():
+    """LFM2.5 renders `message.thinking`, and only after the last user message."""
+    runs, result = _runs("tools/LFM2.5-8B-A1B", multi_turn(inline=False))
+    assert runs[0].startswith("ANSONE 4") and "THINKONE" not in runs[0]
+    assert runs[1].startswith("<think>THINKTWO add again</think>ANSTWO 6")
+    assert result.dropped_fields == {"reasoning_content": 1}
 
 
 def _runs(template: str, conv: Conversation):

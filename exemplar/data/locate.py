@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from exemplar.data.schema import TEMPLATE_REASONING_KEYS
 from exemplar.errors import TemplateError
 
 Span = tuple[int, int]
@@ -128,7 +129,7 @@ def template_specials(full: str, special: re.Pattern | None, typed: list[Span]) 
 def _count_leaves(messages: list[dict[str, Any]]) -> int:
     total = 0
     for m in messages:
-        total += sum(1 for f in ("content", "reasoning_content") if isinstance(m.get(f), str) and m[f])
+        total += sum(1 for f in ("content", *TEMPLATE_REASONING_KEYS) if isinstance(m.get(f), str) and m[f])
         total += sum(1 for s in _strings(m.get("tool_calls") or []) if s)
     return total
 
@@ -174,9 +175,11 @@ def field_ends(
     marked_messages = []
     for i, m in enumerate(messages):
         out = dict(m)
-        for name in ("content", "reasoning_content"):
+        for name in ("content", *TEMPLATE_REASONING_KEYS):
             if isinstance(m.get(name), str) and m[name]:
-                out[name] = marker(i, name)(m[name])
+                # Both reasoning keys are one field: rendered under either name, it is located.
+                field = "content" if name == "content" else "reasoning_content"
+                out[name] = marker(i, field)(m[name])
         if m.get("tool_calls"):
             mark = marker(i, "tool_calls")
             out["tool_calls"] = [_mark_call(call, mark) for call in m["tool_calls"]]

@@ -43,7 +43,7 @@ from exemplar.fsio import atomic_write_json, disk_full_guard
 log = logging.getLogger(__name__)
 
 # Bump when the encoding logic changes, so caches written by older code are not reused.
-PIPELINE_VERSION = "5"  # 3: formats, every_turn; 4: tool-call and reasoning masks; 5: streamed cache
+PIPELINE_VERSION = "6"  # 3: formats, every_turn; 4: tool-call and reasoning masks; 5: streamed cache; 6: reasoning also as `thinking`
 # A cached dataset's tokens (an Arrow IPC stream, memory-mapped when loaded) beside report.json.
 TOKENS_FILE = "tokens.arrow"
 

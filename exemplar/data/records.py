@@ -60,6 +60,7 @@ def to_record(example: Example, source: SourceRow | None = None) -> dict[str, An
 
 def message_record(message: Message) -> dict[str, Any]:
     out = message.to_template_dict()
+    out.pop("thinking", None)  # the template alias of reasoning_content; a record keeps one name
     if message.reasoning_content is not None:
         out["reasoning_content"] = message.reasoning_content
     if message.train is not None:

@@ -25,7 +25,8 @@ class Message:
     name: str | None = None  # tool name for role == "tool" (optional)
     tool_call_id: str | None = None
     # An assistant message's reasoning ("thinking") text, as OpenAI-compatible servers return it.
-    # Passed to chat templates as `reasoning_content` (the name templates that render it read).
+    # Passed to chat templates under both names that templates read: `reasoning_content` (Qwen3,
+    # GLM, MiniMax, Seed-OSS, Command R) and `thinking` (LFM2.5, gpt-oss).
     reasoning_content: str | None = None
 
     def to_template_dict(self) -> dict[str, Any]:
@@ -38,8 +39,13 @@ class Message:
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
         if self.reasoning_content:
-            out["reasoning_content"] = self.reasoning_content
+            for name in TEMPLATE_REASONING_KEYS:
+                out[name] = self.reasoning_content
         return out
+
+
+# The message keys chat templates read an assistant's reasoning from (no template reads both).
+TEMPLATE_REASONING_KEYS = ("reasoning_content", "thinking")
 
 
 @dataclass
