@@ -6,6 +6,8 @@ import io
 import json
 
 import pytest
+import torch
+from transformers import TopPLogitsWarper
 
 from exemplar.errors import RowError
 from exemplar.evaluate import (
@@ -19,6 +21,7 @@ from exemplar.evaluate import (
     stop_rate,
 )
 from exemplar.evaluate.file_generation import failures_path_of, prompt_messages
+from exemplar.evaluate.generation import SeededGumbelNoise, sample_batch
 from exemplar.evaluate.metrics import normalize
 from exemplar.model import save_model
 from tests.generation_helpers import TAUGHT, taught_model
@@ -84,6 +87,37 @@ def test_sampling_is_reproducible_for_a_seed(tokenizer, model, encode, im_end):
     other = generate_batch(model, tokenizer, prompts, seed=2, **kwargs)
     assert first == again
     assert [r["token_ids"] for r in first] != [r["token_ids"] for r in other]
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.5, 0.8)])
+def test_seeded_noise_samples_the_tempered_nucleus_distribution(temperature, top_p):
+    """The argmax of the noised scores is a draw of softmax(logits / T) within the nucleus: the
+    frequencies over 20,000 rows (one seed each) match it to within 4 standard errors."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
+    rows = 20_000
+    noised = SeededGumbelNoise(range(rows), temperature, top_p, torch.device("cpu"))(
+        torch.zeros((rows, 1), dtype=torch.long), logits.expand(rows, -1)
+    )
+    frequencies = torch.bincount(noised.argmax(-1), minlength=5) / rows
+    tempered = logits / temperature
+    if top_p < 1:
+        tempered = TopPLogitsWarper(top_p)(torch.zeros((1, 1), dtype=torch.long), tempered)
+    expected = torch.softmax(tempered, -1)[0]
+    assert (frequencies[expected == 0] == 0).all()  # outside the nucleus: never drawn
+    tolerance = 4 * (expected * (1 - expected) / rows).sqrt() + 1e-9
+    assert ((frequencies - expected).abs() <= tolerance).all(), (frequencies, expected)
+
+
+def test_a_sample_is_the_same_alone_and_in_a_batch(tokenizer, model, encode, im_end):
+    prompts = [encode(user(q)) for q in [*TAUGHT, "Tell me a story"]]
+    kwargs = dict(max_new_tokens=10, temperature=1.5, top_p=0.95, stop_token_ids=[im_end])
+    seeds = list(range(100, 100 + len(prompts)))
+    together = sample_batch(model, tokenizer, prompts, seeds, batch_size=8, **kwargs)
+    alone = [
+        sample_batch(model, tokenizer, [p], [s], **kwargs)[0] for p, s in zip(prompts, seeds, strict=True)
+    ]
+    assert [r["token_ids"] for r in together] == [r["token_ids"] for r in alone]
+    assert len({tuple(r["token_ids"]) for r in together}) > 1
 
 
 def test_stop_ids_default_to_the_generation_config(tokenizer, model, encode, im_end):
@@ -167,14 +201,14 @@ def test_a_row_that_fails_is_reported_and_later_rows_wait(local, tmp_path):
 
 def test_num_samples_gives_each_response_its_own_seed(local, tmp_path):
     write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Tell me a story"}, {"prompt": "Say hi"}])
-    kwargs = dict(max_new_tokens=8, temperature=1.5, top_p=0.95, seed=3, num_samples=3)
+    kwargs = dict(max_new_tokens=8, temperature=1.5, top_p=0.95, seed=3, num_samples=6)
     generate_file(local, tmp_path / "in.jsonl", tmp_path / "a.jsonl", **kwargs)
     out = read_jsonl(tmp_path / "a.jsonl")
-    assert all(len(r["responses"]) == 3 and r["response"] == r["responses"][0] for r in out)
-    assert len(set(out[0]["responses"])) > 1  # different seeds, different samples
+    assert all(len(r["responses"]) == 6 and r["response"] == r["responses"][0] for r in out)
+    assert len(set(out[0]["responses"])) > 1  # different seeds, different samples (the likeliest has p 0.43)
     # Sample j of row r is seeded seed + r*K + j: row 1 alone gives the same samples.
     request = GenerationRequest(
-        user("Say hi"), max_new_tokens=8, temperature=1.5, top_p=0.95, seed=3 + 3, n=3
+        user("Say hi"), max_new_tokens=8, temperature=1.5, top_p=0.95, seed=3 + 6, n=6
     )
     [alone] = local.generate([request])
     assert alone.texts == out[1]["responses"]

@@ -5,11 +5,11 @@ prompt is exactly the token ids training saw for the same conversation, and spec
 strings typed by a user stay text (the tokenizer's `apply_chat_template` would turn them into
 control tokens).
 
-Seeds: greedy requests are batched (left-padded, see `generate_batch`). A sampled answer is drawn
-in a batch of its own, with torch's generator seeded by the sample's seed: with one shared
+Seeds: greedy requests are batched (left-padded, see `generate_batch`). Sampled answers are
+batched too, each drawn from a generator seeded by its own seed (`sample_batch`): with one shared
 generator per batch, a row's sample would depend on which rows it happened to be batched with,
-so the same request in a resumed or reordered run would get a different answer. This is also
-what `transformers serve` does with a request's `seed`.
+so the same request in a resumed or reordered run would get a different answer. A streamed
+answer (`stream`) seeds torch's generator, as `transformers serve` does with a request's `seed`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from exemplar.evaluate.generation import (
     EncodePrompt,
     generate_batch,
     generation_config_for,
+    sample_batch,
     stop_ids_of,
 )
 from exemplar.evaluate.generator import GenerationRequest, GenerationResult, Generator, Sample
@@ -85,11 +86,7 @@ class LocalGenerator(Generator):
                 prompts.append(None)
                 results.append(GenerationResult(error=f"cannot encode the prompt ({type(e).__name__}: {e})"))
         self._generate_greedy(requests, prompts, results)
-        for i, request in enumerate(requests):
-            if results[i] is None:
-                results[i] = GenerationResult(
-                    tuple(self._sample(request, prompts[i], s) for s in request.sample_seeds())
-                )
+        self._generate_sampled(requests, prompts, results)
         return [r for r in results if r is not None]
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
@@ -154,20 +151,42 @@ class LocalGenerator(Generator):
             for i, answer in zip(group, answers, strict=True):
                 results[i] = GenerationResult((_sample_of(answer),) * requests[i].n)
 
-    def _sample(self, request: GenerationRequest, prompt: list[int] | None, seed: int) -> Sample:
-        [answer] = generate_batch(
-            self.model,
-            self.tokenizer,
-            [prompt or []],
-            max_new_tokens=request.max_new_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            seed=seed,
-            stop_token_ids=self.stop_token_ids,
-            batch_size=1,
+    def _generate_sampled(
+        self,
+        requests: Sequence[GenerationRequest],
+        prompts: list[list[int] | None],
+        results: list[GenerationResult | None],
+    ) -> None:
+        """Every sample of every sampled request, batched across requests that share settings."""
+        wanted = [i for i, r in enumerate(requests) if results[i] is None]
+        settings = sorted(
+            {(requests[i].max_new_tokens, requests[i].temperature, requests[i].top_p) for i in wanted}
         )
-        self.stats.add(requests=1)
-        return _sample_of(answer)
+        for limit, temperature, top_p in settings:
+            group = [
+                i
+                for i in wanted
+                if (requests[i].max_new_tokens, requests[i].temperature, requests[i].top_p)
+                == (limit, temperature, top_p)
+            ]
+            rows = [(i, seed) for i in group for seed in requests[i].sample_seeds()]
+            answers = sample_batch(
+                self.model,
+                self.tokenizer,
+                [prompts[i] or [] for i, _ in rows],
+                [seed for _, seed in rows],
+                max_new_tokens=limit,
+                temperature=temperature,
+                top_p=top_p,
+                stop_token_ids=self.stop_token_ids,
+                batch_size=self.batch_size,
+            )
+            self.stats.add(requests=len(rows))
+            samples: dict[int, list[Sample]] = {i: [] for i in group}
+            for (i, _), answer in zip(rows, answers, strict=True):
+                samples[i].append(_sample_of(answer))
+            for i in group:
+                results[i] = GenerationResult(tuple(samples[i]))
 
 
 def _sample_of(answer: dict[str, Any]) -> Sample:
