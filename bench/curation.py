@@ -20,10 +20,11 @@ CLI on the previous stage's kept.jsonl:
    dedup keeps) spread over the phrasings and letter lists. By diversity, not by score:
    every row the filter keeps has verifier 1, so a score has nothing left to rank.
 
-Four training sets, each trained from the same initial weights for the same steps and seed:
-the noisy set; N rows of the noisy set drawn at random (seeded), the curated set's size, so the
-table tells "fewer rows" from "better rows"; the set after filter + dedup (what select starts
-from); and the curated set (after select).
+Five training sets, each trained from the same initial weights for the same steps and seed:
+the noisy set; N rows of it drawn at random (seeded), the curated set's size, so that the table
+tells "fewer rows" from "better rows"; the set after filter + dedup (what select starts from);
+N rows of that drawn at random, so that select's choice is told from its size; and the curated
+set (after select). The differences (paired bootstrap) are the curated set's minus each other's.
 
 Training: the quickstart's recipe (exemplar/quickstart.py: 1.8M-parameter Llama, the shipped
 tokenizer, packing) through `exemplar.finetune`; evaluation through `exemplar.evaluate_models`
@@ -163,15 +164,19 @@ def table_curation(work: Path, steps: int, seed: int) -> str:
     heldout_path = write_jsonl(heldout, work / "data" / "heldout.jsonl")
     curated, summaries = curate(noisy, work / "curate")
     n = summaries[-1]["kept"]
+    deduped, clean_random = work / "curate" / "dedup" / "kept.jsonl", work / "data" / "clean-random.jsonl"
     sets = {
         "noisy": ("noisy", noisy),
         "random": (f"noisy, {n:,} random rows", random_rows(noisy, n, seed, work / "data" / "random.jsonl")),
-        "deduped": ("filter + dedup", work / "curate" / "dedup" / "kept.jsonl"),
+        "deduped": ("filter + dedup", deduped),
+        "deduped_random": (f"filter + dedup, {n:,} random rows", random_rows(deduped, n, seed, clean_random)),
         "curated": ("filter + dedup + select", curated),
     }
     runs = {name: train(path, work / "runs" / name, steps, seed) for name, (_, path) in sets.items()}
     config = train_config(noisy, work / "runs" / "noisy", steps, seed)
-    result = evaluate({n: r["model_dir"] for n, r in runs.items()}, heldout_path, work / "eval", config)
+    # The curated model first: evaluate_models' differences are against the first model.
+    models = {"curated": runs["curated"]["model_dir"]} | {name: r["model_dir"] for name, r in runs.items()}
+    result = evaluate(models, heldout_path, work / "eval", config)
     table = []
     for name, (label, path) in sets.items():
         m, iv, counts = result["models"][name], result["intervals"][name], noise_counts(path)
@@ -205,20 +210,21 @@ def table_curation(work: Path, steps: int, seed: int) -> str:
         for s in summaries
     ]
     differences = "; ".join(
-        f"{sets[name][0]}: exact match {_interval(d['exact_match'])}, NLL {_interval(d['nll'])}"
+        f"{sets[name][0]}: exact match {_negated(d['exact_match'])}, NLL {_negated(d['nll'])}"
         for name, d in result["differences"].items()
     )
     return (
         markdown_table(["stage", "rows in", "kept", "removed"], stages)
         + "\n\n"
         + markdown_table(head, table)
-        + f"\n\nMinus noisy (paired bootstrap): {differences}. {len(heldout)} held-out reversals, "
-        f"{steps} steps, seed {seed}, the same initial weights."
+        + f"\n\nCurated (filter + dedup + select) minus each other set (paired bootstrap): {differences}. "
+        f"{len(heldout)} held-out reversals, {steps} steps, seed {seed}, the same initial weights."
     )
 
 
-def _interval(d: dict[str, float]) -> str:
-    return f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+def _negated(d: dict[str, float]) -> str:
+    """The curated model minus another, from evaluate_models' other minus curated."""
+    return f"{-d['value']:+.3f} [{-d['high']:+.3f}, {-d['low']:+.3f}]"
 
 
 TABLES: dict[str, Callable[[Path, int, int], str]] = {"curation": table_curation}
