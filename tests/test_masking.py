@@ -8,7 +8,6 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer
 
 from exemplar.config import MaskConfig
 from exemplar.data.encode import Encoder
@@ -16,9 +15,9 @@ from exemplar.data.masking import ChatMasker
 from exemplar.data.schema import IGNORE_INDEX, Conversation, Message
 from exemplar.data.templates import BUILTIN_NAMES
 from exemplar.data.tokenizer import prepare_tokenizer
-from tests.conftest import ASSET_TOKENIZER_DIR, shared_data_dir
+from tests.conftest import shared_data_dir
 from tests.masks_util import assert_runs_are_the_responses, response_regions
-from tests.tokenizers_util import llama2_tokenizer, trained_tokenizer
+from tests.tokenizers_util import make_tokenizer
 
 SHARED_TEMPLATES = ["alpaca", "chatml", "llama-3-instruct", "mistral-instruct", "zephyr"]
 EOS = "{eos}"
@@ -60,17 +59,6 @@ TOKENIZERS = ["llama2", "asset", "bytelevel", "metaspace", "metaspace_first"]
 @pytest.fixture(params=TOKENIZERS)
 def kind(request) -> str:
     return request.param
-
-
-def make_tokenizer(kind: str):
-    if kind == "asset":
-        return AutoTokenizer.from_pretrained(ASSET_TOKENIZER_DIR)
-    if kind == "llama2":
-        tok = llama2_tokenizer()
-        if tok is None:
-            pytest.skip("the Llama 2 tokenizer is not in the shared data folder")
-        return tok
-    return trained_tokenizer(kind)
 
 
 def setup(template: str, kind: str, mask: MaskConfig | None = None):

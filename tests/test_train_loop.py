@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from exemplar.config import TrainConfig
+from exemplar.data.lengths import example_lengths
 from exemplar.errors import ExemplarError
-from exemplar.train.batching import TrainPlan, example_lengths
+from exemplar.train.batching import TrainPlan
 from exemplar.train.loop import run_training
 from exemplar.train.metrics import read_metrics
 from exemplar.train.schedule import lr_at

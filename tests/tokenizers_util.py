@@ -9,7 +9,7 @@ from functools import lru_cache
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from tests.conftest import shared_data_dir
+from tests.conftest import ASSET_TOKENIZER_DIR, shared_data_dir
 
 CORPUS = [
     "Hello there! How are you today? I am fine, thank you.",
@@ -83,3 +83,18 @@ def trained_tokenizer(kind: str) -> PreTrainedTokenizerFast:
     """'bytelevel', 'metaspace', 'sentencepiece' or 'metaspace_first': a small tokenizer trained on
     the corpus above."""
     return _wrap(Tokenizer.from_str(_trained(kind)))
+
+
+def make_tokenizer(kind: str):
+    """A tokenizer by name: 'asset' (the project's own), 'llama2' (skips the test when the
+    shared data is absent), or one of `trained_tokenizer`'s kinds."""
+    import pytest
+
+    if kind == "asset":
+        return AutoTokenizer.from_pretrained(ASSET_TOKENIZER_DIR)
+    if kind == "llama2":
+        tok = llama2_tokenizer()
+        if tok is None:
+            pytest.skip("the Llama 2 tokenizer is not in the shared data folder")
+        return tok
+    return trained_tokenizer(kind)

@@ -10,6 +10,7 @@ with array operations over a whole batch at a time.
 from __future__ import annotations
 
 import itertools
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,11 @@ from exemplar.data.pieces import Chunk, PieceTokenizer
 from exemplar.data.schema import IGNORE_INDEX, Conversation, Example, TextDocument, TokenizedExample
 from exemplar.errors import TemplateError
 
+# Where a word ends (a non-space character before whitespace), searched for at most WORD_SEARCH
+# characters past the cut a truncated row needs.
+_WORD_END = re.compile(r"\S\s")
+WORD_SEARCH = 4096
+
 # Why an example was not kept. These names appear in reports and `data stats`.
 DROP_TOO_LONG = "too_long"
 DROP_NO_TRAINED = "no_trained_tokens"
@@ -32,6 +38,10 @@ DROP_TEMPLATE = "template_error"
 
 # Examples per tokenizer call: large batches keep the tokenizer's threads busy.
 ENCODE_BATCH = 2048
+# Under `truncation: truncate`, a row whose text surely holds more than max_length + CUT_SLACK
+# tokens is tokenized only up to there (see Encoder._bounded): the slack keeps the tokens near the
+# cut, which text after it could have changed, past the max_length that are kept.
+CUT_SLACK = 64
 
 
 @dataclass
@@ -95,9 +105,10 @@ class Encoder:
         self.eos_id = tokenizer.eos_token_id
         probe = tokenizer("a")["input_ids"]
         self.adds_bos = self.bos_id is not None and bool(probe) and probe[0] == self.bos_id
-        # Under the drop policy, a row whose text alone surely exceeds max_length is dropped
-        # without tokenizing it (a huge row would need gigabytes): see length_bound.py.
-        self.length_bound = TokenLowerBound(tokenizer.backend_tokenizer) if truncation == "drop" else None
+        # A row whose text alone surely exceeds max_length is dropped without tokenizing it, or,
+        # truncated, only its start is tokenized (a huge row would need gigabytes): see
+        # length_bound.py and `_bounded`.
+        self.length_bound = TokenLowerBound(tokenizer.backend_tokenizer)
 
     # -- one batch: render, then tokenize ---------------------------------------------------
 
@@ -105,7 +116,7 @@ class Encoder:
         """Render every example into pieces. Returns per-example slots and the tokenizer plan of
         the rows (sections without content resolved, the others queued)."""
         rows: list[list[Piece]] = []
-        slots: list[Any] = []  # per example: (row index, rendered chat) or a finished Encoded
+        slots: list[Any] = []  # per example: (row index, rendered chat, cut_trained) or an Encoded
         for ex in examples:
             if isinstance(ex, Conversation):
                 if self.masker is None:
@@ -115,17 +126,18 @@ class Encoder:
                 except TemplateError as e:
                     slots.append(Encoded([], [], DROP_TEMPLATE, detail=str(e)))
                     continue
-                if self._surely_too_long(rendered.pieces):
+                pieces, cut_trained = self._bounded(rendered.pieces)
+                if pieces is None:
                     slots.append(Encoded([], [], DROP_TOO_LONG))
                     continue
-                slots.append((len(rows), rendered))
-                rows.append(rendered.pieces)
+                slots.append((len(rows), rendered, cut_trained))
+                rows.append(pieces)
             elif isinstance(ex, TextDocument):
-                pieces = [Piece(ex.text, content=True, trained=True)]
-                if self._surely_too_long(pieces):
+                pieces, cut_trained = self._bounded([Piece(ex.text, content=True, trained=True)])
+                if pieces is None:
                     slots.append(Encoded([], [], DROP_TOO_LONG))
                     continue
-                slots.append((len(rows), None))
+                slots.append((len(rows), None, cut_trained))
                 rows.append(pieces)
             elif isinstance(ex, TokenizedExample):
                 labels = ex.labels if ex.labels is not None else list(ex.input_ids)
@@ -134,13 +146,37 @@ class Encoder:
                 raise TypeError(f"not an example: {type(ex).__name__}")
         return slots, self.pieces.plan(rows)
 
-    def _surely_too_long(self, pieces: Sequence[Piece]) -> bool:
-        """Whether the pieces' text alone needs more than max_length tokens. Only rows with a
-        trained piece: one with none is dropped as having nothing to train, a reason that comes
-        first."""
-        if self.length_bound is None or not any(p.trained for p in pieces):
-            return False
-        return self.length_bound.exceeds([p.text for p in pieces], self.max_length)
+    def _bounded(self, pieces: list[Piece]) -> tuple[list[Piece] | None, bool]:
+        """The pieces to tokenize under the length policy, and whether trained text was cut off.
+
+        drop: None when the pieces' text alone needs more than max_length tokens. Only rows with
+        a trained piece: one with none is dropped as having nothing to train, a reason that
+        comes first.
+
+        truncate: the shortest prefix of pieces whose text surely needs more than max_length +
+        CUT_SLACK tokens, cut in a message's content after a word (before whitespace, where
+        pre-tokenizers split) when one ends within WORD_SEARCH characters; template text is
+        never cut. The prefix is tokenized as the whole row would be up to the last pre-token
+        before the cut: only tokens near the cut can depend on the text after it, and the slack
+        puts them past max_length, so the kept max_length tokens are those of the whole row (a
+        hypothesis test compares both). Rows the bound does not cover are tokenized whole."""
+        texts = [p.text for p in pieces]
+        if self.truncation == "drop":
+            too_long = any(p.trained for p in pieces) and self.length_bound.exceeds(texts, self.max_length)
+            return (None if too_long else pieces), False
+        found = self.length_bound.covering_prefix(texts, self.max_length + CUT_SLACK)
+        if found is None:
+            return pieces, False
+        k, chars = found
+        piece = pieces[k]
+        if not piece.content:
+            chars = len(piece.text)
+        elif chars < len(piece.text):
+            word_end = _WORD_END.search(piece.text, chars - 1, chars + WORD_SEARCH)
+            chars = word_end.start() + 1 if word_end else chars
+        kept = pieces[:k] + ([Piece(piece.text[:chars], piece.content, piece.trained)] if chars else [])
+        cut_off = [Piece(piece.text[chars:], piece.content, piece.trained), *pieces[k + 1 :]]
+        return kept, any(p.trained and p.text for p in cut_off)
 
     def _batches(
         self, examples: Iterable[Example]
@@ -185,7 +221,7 @@ class Encoder:
                 if isinstance(slot, Encoded):
                     results.append(slot if slot.drop_reason else self.finish(slot.input_ids, slot.labels))
                     continue
-                row, rendered = slot
+                row, rendered, cut_trained = slot
                 input_ids, labels = [], []
                 for chunk_ids, trained in rows[row]:
                     input_ids += chunk_ids
@@ -197,7 +233,7 @@ class Encoder:
                         labels += [t if f else IGNORE_INDEX for t, f in zip(chunk_ids, trained, strict=True)]
                 if isinstance(ex, TextDocument):
                     input_ids, labels = self._document_ends(input_ids, labels)
-                result = self.finish(input_ids, labels)
+                result = self.finish(input_ids, labels, cut_trained)
                 if rendered is not None:
                     result.turns_without_stop = rendered.turns_without_stop
                     result.dropped_fields = rendered.dropped_fields
@@ -234,7 +270,7 @@ class Encoder:
                         trained.append(False)
                     counts.append(len(flat) - before)
                     continue
-                row, rendered = slot
+                row, rendered, _ = slot
                 if rendered is not None:  # counted for every rendered conversation, kept or not
                     no_stop_total += rendered.turns_without_stop
                     dropped_fields.update(rendered.dropped_fields)
@@ -308,7 +344,10 @@ class Encoder:
             if isinstance(slot, Encoded) and slot.drop_reason is not None:
                 reasons.append(slot.drop_reason)
             elif trained_after_first[k] <= 0:
-                reasons.append(DROP_NO_TRAINED)
+                # A row tokenized only up to a cut (see _bounded) with trained text after it:
+                # whole, it would have had that text to train, past max_length.
+                cut_trained = not isinstance(slot, Encoded) and slot[2]
+                reasons.append(DROP_NO_TRAINED_AFTER_TRUNCATION if cut_trained else DROP_NO_TRAINED)
             elif lengths[k] > self.max_length:
                 if self.truncation == "drop":
                     reasons.append(DROP_TOO_LONG)
@@ -350,10 +389,11 @@ class Encoder:
             ids, labels = [*ids, self.eos_id], [*labels, self.eos_id]
         return ids, labels
 
-    def finish(self, ids: list[int], labels: list[int]) -> Encoded:
-        """Apply the length policy; drop examples left with nothing to train."""
+    def finish(self, ids: list[int], labels: list[int], cut_trained: bool = False) -> Encoded:
+        """Apply the length policy; drop examples left with nothing to train (`cut_trained`: the
+        row was tokenized only up to a cut, with trained text after it; see `_bounded`)."""
         if not _has_target(labels):
-            return Encoded([], [], DROP_NO_TRAINED)
+            return Encoded([], [], DROP_NO_TRAINED_AFTER_TRUNCATION if cut_trained else DROP_NO_TRAINED)
         if len(ids) > self.max_length:
             if self.truncation == "drop":
                 return Encoded([], [], DROP_TOO_LONG)

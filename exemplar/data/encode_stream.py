@@ -43,8 +43,9 @@ Encoded = tuple[EncodedColumns, list[tuple[str, str]], list[RowError]]
 
 
 def token_schema():
-    """The Arrow schema of a prepared dataset. `trained_tokens` (the example's labels that are
-    not ignored) lets statistics sum one small column instead of reading every label."""
+    """The Arrow schema of a prepared dataset. `length` (the example's tokens) and
+    `trained_tokens` (its labels that are not ignored) let statistics and the training plan read
+    two small columns instead of the tokens (see lengths.py)."""
     import pyarrow as pa
 
     return pa.schema(
@@ -53,6 +54,7 @@ def token_schema():
             ("labels", pa.list_(pa.int32())),
             ("row", pa.int64()),
             ("trained_tokens", pa.int32()),
+            ("length", pa.int32()),
         ]
     )
 
@@ -62,7 +64,13 @@ def token_features():
 
     ints = List(Value("int32"))
     return Features(
-        {"input_ids": ints, "labels": ints, "row": Value("int64"), "trained_tokens": Value("int32")}
+        {
+            "input_ids": ints,
+            "labels": ints,
+            "row": Value("int64"),
+            "trained_tokens": Value("int32"),
+            "length": Value("int32"),
+        }
     )
 
 
@@ -134,6 +142,7 @@ def record_batch(columns: EncodedColumns, first_row: int):
         pa.ListArray.from_arrays(pa.array(offsets), pa.array(columns.labels, type=pa.int32())),
         pa.array(columns.kept + first_row, type=pa.int64()),
         pa.array(np.diff(trained[offsets]).astype(np.int32)),
+        pa.array(np.diff(offsets)),
     ]
     return pa.record_batch(arrays, schema=token_schema())
 

@@ -16,6 +16,7 @@ import numpy as np
 from exemplar.config import Config
 from exemplar.data.encode import Encoder
 from exemplar.data.formats import iter_examples
+from exemplar.data.lengths import token_counts
 from exemplar.data.pipeline import build_masker, prepare_data
 from exemplar.data.schema import IGNORE_INDEX, Conversation, Example, SourceRow
 from exemplar.data.tokenizer import TokenizerBundle, load_tokenizer
@@ -256,8 +257,7 @@ def compute_stats(
 ) -> dict[str, Any]:
     bundle = bundle or load_tokenizer(config)
     prepared = prepare_data(config, bundle=bundle, progress=progress)
-    lengths, trained = token_counts(prepared.train)
-    lengths = lengths.tolist()
+    lengths, trained = token_counts(prepared.train)  # an array: a list would be 40 bytes a row
     turns: Counter[int] = Counter()
     for spec in config.data.train:  # streamed: one converted row at a time
         turns.update(
@@ -268,7 +268,7 @@ def compute_stats(
     dropped: Counter[str] = Counter()
     for report in prepared.reports:
         dropped.update(report.dropped)
-    total = sum(lengths)
+    total = int(lengths.sum())
     formats = {file: fmt for r in prepared.reports for file, fmt in r.formats.items()}
     extra: dict[str, Any] = {}
     if splits_turns(config.mask):
@@ -293,55 +293,38 @@ def compute_stats(
     }
 
 
-def token_counts(dataset: Any, batch_size: int = 65536) -> tuple[np.ndarray, int]:
-    """Each row's length and the number of trained tokens, read from the Arrow columns a batch at
-    a time (never as Python lists of every token: a large dataset stays memory-mapped).
-
-    The lengths come from the list offsets and the trained count from the `trained_tokens`
-    column the pipeline writes, so the token values themselves are never read: reading them
-    would page the whole memory-mapped table into this process (counted as its memory)."""
-    import pyarrow.compute as pc
-
-    per_row = "trained_tokens" in dataset.column_names
-    lengths, trained = [], 0
-    for table in dataset.with_format("arrow").iter(batch_size=batch_size):
-        lengths.append(pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False))
-        if per_row:
-            trained += int(pc.sum(table.column("trained_tokens")).as_py() or 0)
-        else:  # a dataset from elsewhere: count the labels
-            labels = pc.list_flatten(table.column("labels"))
-            trained += int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
-    return (np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)), trained
-
-
 def _assistant_turns(example: Example) -> int:
     if isinstance(example, Conversation):
         return sum(1 for m in example.messages if m.role == "assistant")
     return 0
 
 
-def _summary(values: list[int]) -> dict[str, float]:
-    if not values:
+def _summary(values: Any) -> dict[str, float]:
+    if len(values) == 0:
         return {}
-    ordered = sorted(values)
+    ordered = np.sort(np.asarray(values))
 
     def pick(q: float) -> int:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return int(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
 
     return {
-        "min": ordered[0],
-        "mean": sum(ordered) / len(ordered),
+        "min": int(ordered[0]),
+        "mean": float(ordered.mean()),
         "p50": pick(0.5),
         "p95": pick(0.95),
-        "max": ordered[-1],
+        "max": int(ordered[-1]),
     }
 
 
-def histogram(values: list[int], max_length: int, bins: int = 8) -> list[dict[str, int]]:
+def histogram(values: Any, max_length: int, bins: int = 8) -> list[dict[str, int]]:
+    """Counts of `values` (a sequence or array of lengths) in `bins` equal bins up to max_length."""
     width = max(1, -(-max_length // bins))
-    counts = Counter(min(v // width, bins - 1) for v in values)
+    found = np.asarray(values, dtype=np.int64)
+    counts = (
+        np.bincount(np.minimum(found // width, bins - 1), minlength=bins) if len(found) else np.zeros(bins)
+    )
     return [
-        {"from": b * width, "to": min((b + 1) * width, max_length), "count": counts.get(b, 0)}
+        {"from": b * width, "to": min((b + 1) * width, max_length), "count": int(counts[b])}
         for b in range(bins)
     ]
 

@@ -50,6 +50,21 @@ class TokenLowerBound:
             return False
         return self.min_tokens(texts) > limit
 
+    def covering_prefix(self, texts: Sequence[str], limit: int) -> tuple[int, int] | None:
+        """A prefix of the concatenated texts that surely needs more than `limit` tokens, as
+        (k, c): texts[:k] whole and the first c characters of texts[k]. None when the texts
+        together may not (or the bound does not apply to the tokenizer)."""
+        if self.max_token_bytes is None or 4 * sum(map(len, texts)) <= self.max_token_bytes * limit:
+            return None
+        need = self.max_token_bytes * limit + 1  # ceil(n / B) > limit exactly when n > B * limit
+        covered = 0
+        for k, text in enumerate(texts):
+            here = non_space_bytes(text)
+            if covered + here >= need:
+                return k, _chars_covering(text, need - covered)
+            covered += here
+        return None
+
     def min_tokens(self, texts: Iterable[str]) -> int:
         """At least this many tokens (0 when the bound does not apply to the tokenizer)."""
         if self.max_token_bytes is None:
@@ -65,6 +80,16 @@ class TokenLowerBound:
         if not _every_byte_encodable(spec, vocab):
             return None
         return max((len(token.encode("utf-8")) for token in vocab), default=0) or None
+
+
+def _chars_covering(text: str, need: int) -> int:
+    """A number of leading characters of `text` holding at least `need` non-space bytes (which
+    `text` as a whole has): doubled from the fewest characters that could hold them (4 bytes
+    each) until they do, so the cost is a few passes over the prefix, never the whole text."""
+    chars = max(1, -(-need // 4))
+    while chars < len(text) and non_space_bytes(text[:chars]) < need:
+        chars = min(len(text), 2 * chars)
+    return min(chars, len(text))
 
 
 def _keeps_text(normalizer: dict[str, Any] | None) -> bool:

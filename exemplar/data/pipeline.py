@@ -43,7 +43,9 @@ from exemplar.fsio import atomic_write_json, disk_full_guard
 log = logging.getLogger(__name__)
 
 # Bump when the encoding logic changes, so caches written by older code are not reused.
-PIPELINE_VERSION = "6"  # 3: formats, every_turn; 4: tool-call and reasoning masks; 5: streamed cache; 6: reasoning also as `thinking`
+# 3: formats, every_turn; 4: tool-call and reasoning masks; 5: streamed cache;
+# 6: a `length` column, and reasoning passed to templates also as `thinking`
+PIPELINE_VERSION = "6"
 # A cached dataset's tokens (an Arrow IPC stream, memory-mapped when loaded) beside report.json.
 TOKENS_FILE = "tokens.arrow"
 
@@ -190,10 +192,12 @@ def _apply_weight(ds: Any, weight: float, seed: int) -> Any:
         return ds
     import random
 
-    whole, frac = int(weight), weight - int(weight)
-    indices = [i for _ in range(whole) for i in range(len(ds))]
-    extra = sorted(random.Random(seed).sample(range(len(ds)), round(frac * len(ds))))
-    return ds.select(indices + extra)
+    import numpy as np
+
+    # Index arrays, not Python lists: a million rows weighted 2 would be 2 million int objects.
+    whole, frac, n = int(weight), weight - int(weight), len(ds)
+    extra = np.sort(np.asarray(random.Random(seed).sample(range(n), round(frac * n)), dtype=np.int64))
+    return ds.select(np.concatenate([np.tile(np.arange(n, dtype=np.int64), whole), extra]))
 
 
 def _report_text(reports: list[SourceReport]) -> str:

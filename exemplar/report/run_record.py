@@ -69,7 +69,8 @@ def data_stats(prepared: Any, max_length: int) -> dict[str, Any]:
     Read with pyarrow in batches (lengths and label counts per batch), never as Python lists of
     every label: cheap next to training even for large sets.
     """
-    from exemplar.data.inspect import histogram, token_counts
+    from exemplar.data.inspect import histogram
+    from exemplar.data.lengths import token_counts
 
     all_lengths, trained = token_counts(prepared.train)
     tokens = int(all_lengths.sum())
@@ -86,7 +87,7 @@ def data_stats(prepared: Any, max_length: int) -> dict[str, Any]:
         "trained_share": trained / tokens if tokens else 0.0,
         "max_length": max_length,
         "length": _length_summary(all_lengths),
-        "length_histogram": histogram(all_lengths.tolist(), max_length, bins=HISTOGRAM_BINS),
+        "length_histogram": histogram(all_lengths, max_length, bins=HISTOGRAM_BINS),
         "dropped": dict(sorted(dropped.items())),
         "sources": [_source_stats(r) for r in prepared.reports],
         "previews": mask_previews(prepared.train, prepared.tokenizer),

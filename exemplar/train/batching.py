@@ -23,19 +23,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.compute as pc
 
+from exemplar.data.lengths import example_lengths
 from exemplar.data.packing import best_fit_decreasing, fill_ratio
 from exemplar.errors import ExemplarError
 
 Seq = tuple[int, ...]  # example indices of one row
 Step = list[Seq]
-
-
-def example_lengths(dataset) -> np.ndarray:
-    """Token counts of the `input_ids` column of a `datasets.Dataset`, without decoding rows to Python."""
-    column = dataset.with_format("arrow")["input_ids"]
-    return np.asarray(pc.list_value_length(column).to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
 def checked_lengths(dataset, max_length: int, what: str = "training") -> np.ndarray:
