@@ -28,10 +28,24 @@ def shared_data() -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Every test's torch runs on one thread. The tests' models and batches are tiny, and on two
+    shared cores (CI, or a machine running other jobs) two threads wait on each other: measured on
+    tests/test_curate_select.py (sentence embeddings, k-means) on a busy 2-core machine, 54 s with
+    one thread against 118 s with two. Session-wide, so module and session fixtures that train or
+    embed run on one thread too. Subprocesses are unaffected (the tests that start them pass
+    OMP_NUM_THREADS=1 where it matters)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread():
-    """Tiny models run several times faster on one thread than on two contended ones. Modules
-    opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    """One torch thread for a test, whatever an earlier test or fixture set (one_torch_thread is
+    the session's default). Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
