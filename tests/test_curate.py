@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exemplar.cli import main
@@ -105,6 +105,9 @@ def test_dedup_of_real_data_and_on_prompt(tmp_path, shared_data):
     assert by_prompt["in"] == 300 and by_prompt["kept"] <= 300
 
 
+# Each example runs four whole `curate dedup` commands; lists of five texts, where every duplicate
+# pattern that matters (none, one pair, casing and spacing variants, runs) shows up within 25.
+@settings(max_examples=25)
 @given(
     st.lists(
         st.sampled_from(["a b c d e f", "x y z", "你好世界你好", "def f(): pass", "A  B c d e F"]),

@@ -245,6 +245,10 @@ def test_the_gathered_model_is_an_ordinary_folder_with_the_single_process_weight
     assert gathered.generation_config.eos_token_id == alone.generation_config.eos_token_id
 
 
+# Four processes (the CLI, torchrun, two ranks) for the strategy a run gets only when asked for
+# (or with QLoRA): the slow step runs it; test_nproc_stands_for_a_torchrun_command checks the
+# launch command and the FSDP2 tests the ranks.
+@pytest.mark.slow
 def test_ddp_through_nproc_gives_the_losses_of_one_process(work, reference, record_property):
     # `exemplar train --nproc 2` launches torchrun; 2 ranks x micro-batch 2 x accumulation 2 = 8.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -3,6 +3,8 @@ pieces, batched/overlapped tokenization, the one-sweep piece cutter."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -196,18 +198,10 @@ def test_plain_text_views_match_the_tokenizer(kind):
 @pytest.mark.parametrize("kind", ["metaspace", "metaspace_first", "bytelevel"])
 @given(text=st.text(max_size=60))
 def test_plain_text_views_match_on_any_text(kind, text):
-    import json
 
-    from tokenizers import Tokenizer
-
-    from exemplar.data.pieces import _later_sections
-
-    bundle = prepare_tokenizer(trained_tokenizer(kind), "chatml")
-    source = bundle.tokenizer.backend_tokenizer.to_str()
+    source, references = _reference_views(kind)
     pieces = _metaspace_pieces(source)
-    for first, tree in ((True, json.loads(source)), (False, _later_sections(json.loads(source)))):
-        reference = Tokenizer.from_str(json.dumps(tree))
-        reference.encode_special_tokens = True
+    for first, reference in references:
         encoding = reference.encode(text, add_special_tokens=False)
         assert pieces.encode_text([text], first) == [encoding.ids]
         starts, ends = [s for s, _ in encoding.offsets], [e for _, e in encoding.offsets]
@@ -228,23 +222,13 @@ _WORDY = st.lists(
 @pytest.mark.parametrize("kind", ["llama2", "sentencepiece", "metaspace_first"])
 @given(texts=st.lists(_WORDY, min_size=1, max_size=4))
 def test_word_by_word_bpe_gives_the_whole_text_ids(kind, texts):
-    import json
-
-    from tokenizers import Tokenizer
-
-    from exemplar.data.pieces import _later_sections
-    from tests.tokenizers_util import llama2_tokenizer
-
-    tok = llama2_tokenizer() if kind == "llama2" else trained_tokenizer(kind)
-    if tok is None:
+    views = _reference_views(kind)
+    if views is None:
         pytest.skip("the Llama 2 tokenizer is not in the shared data folder")
-    bundle = prepare_tokenizer(tok, "chatml")
-    source = bundle.tokenizer.backend_tokenizer.to_str()
+    source, references = views
     pieces = _metaspace_pieces(source)
-    for first, tree in ((True, json.loads(source)), (False, _later_sections(json.loads(source)))):
+    for first, reference in references:
         assert (pieces._first_text if first else pieces._later_text)[2] is not None
-        reference = Tokenizer.from_str(json.dumps(tree))
-        reference.encode_special_tokens = True
         encodings = reference.encode_batch(texts, add_special_tokens=False)
         assert pieces.encode_text(texts, first) == [e.ids for e in encodings]
         # and each token's place in the text, as the Rust normalizer aligns it
@@ -283,6 +267,30 @@ def test_word_cache_starts_over_when_full(monkeypatch):
 
 
 _PIECES: dict = {}
+
+
+@functools.cache
+def _reference_views(kind: str):
+    """(serialized tokenizer, [(first, the Rust tokenizer of that view)]) of `kind` with the ChatML
+    tokens added, or None where the Llama 2 tokenizer is absent. Built once per kind: the property
+    tests above would otherwise rebuild a 32k-vocabulary tokenizer three times per example."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from exemplar.data.pieces import _later_sections
+    from tests.tokenizers_util import llama2_tokenizer
+
+    tok = llama2_tokenizer() if kind == "llama2" else trained_tokenizer(kind)
+    if tok is None:
+        return None
+    source = prepare_tokenizer(tok, "chatml").tokenizer.backend_tokenizer.to_str()
+    references = []
+    for first, tree in ((True, json.loads(source)), (False, _later_sections(json.loads(source)))):
+        reference = Tokenizer.from_str(json.dumps(tree))
+        reference.encode_special_tokens = True
+        references.append((first, reference))
+    return source, references
 
 
 def _metaspace_pieces(source):

@@ -32,6 +32,21 @@ def config(tmp_path, tokenizer: str, files: list, **extra) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def llama2(tmp_path_factory) -> str:
+    """The Llama 2 tokenizer saved once as a fast tokenizer (tokenizer.json): the shared folder holds
+    only its tokenizer.model, which every load converts, seconds each. The first test below loads
+    the shared folder itself, as a user's config names it."""
+    from tests.tokenizers_util import llama2_tokenizer
+
+    tokenizer = llama2_tokenizer()
+    if tokenizer is None:
+        pytest.skip("the Llama 2 tokenizer is not in the shared data folder")
+    folder = tmp_path_factory.mktemp("llama2-fast")
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def chat(user: str, reply: str) -> dict:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
 
@@ -50,7 +65,7 @@ def test_llama2_preview_shows_spaces_and_chinese_whole_with_the_trained_run_mark
     assert "· messages ·" in out.splitlines()[0]
 
 
-def test_json_rows_keep_their_index_and_say_why_one_is_dropped(tmp_path, shared_data, capsys):
+def test_json_rows_keep_their_index_and_say_why_one_is_dropped(tmp_path, llama2, capsys):
     rows = [
         chat("one", "first"),
         chat("two " * 80, "too long for max_length 64"),
@@ -58,7 +73,7 @@ def test_json_rows_keep_their_index_and_say_why_one_is_dropped(tmp_path, shared_
         {"messages": [{"role": "user", "content": "no reply"}]},
         chat("five", "fifth"),
     ]
-    cfg = config(tmp_path, str(shared_data / "llama2-tokenizer"), [write(tmp_path, rows)])
+    cfg = config(tmp_path, llama2, [write(tmp_path, rows)])
     assert main(["data", "preview", cfg, "--json", "--limit", "0"]) == 0
     items = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [item["index"] for item in items] == [0, 1, 2, 3, 4]
@@ -74,10 +89,10 @@ def test_json_rows_keep_their_index_and_say_why_one_is_dropped(tmp_path, shared_
     assert [json.loads(line)["index"] for line in capsys.readouterr().out.splitlines()] == [0, 1]
 
 
-def test_index_runs_on_across_files_each_with_its_format(tmp_path, shared_data, capsys):
+def test_index_runs_on_across_files_each_with_its_format(tmp_path, llama2, capsys):
     first = write(tmp_path, [chat("a", "b"), chat("c", "d")], "chats.jsonl")
     second = write(tmp_path, [{"instruction": "e", "output": "f"}], "alpaca.jsonl")
-    cfg = config(tmp_path, str(shared_data / "llama2-tokenizer"), [first, second])
+    cfg = config(tmp_path, llama2, [first, second])
     assert main(["data", "preview", cfg, "--json", "--limit", "0"]) == 0
     items = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(item["index"], item["format"]) for item in items] == [
@@ -88,11 +103,9 @@ def test_index_runs_on_across_files_each_with_its_format(tmp_path, shared_data, 
 
 
 @pytest.mark.parametrize("truncation", ["drop", "truncate"])
-def test_text_preview_marks_an_over_long_row(tmp_path, shared_data, capsys, truncation):
+def test_text_preview_marks_an_over_long_row(tmp_path, llama2, capsys, truncation):
     rows = [chat("hi", "word " * 80)]
-    cfg = config(
-        tmp_path, str(shared_data / "llama2-tokenizer"), [write(tmp_path, rows)], truncation=truncation
-    )
+    cfg = config(tmp_path, llama2, [write(tmp_path, rows)], truncation=truncation)
     assert main(["data", "preview", cfg, "--no-color"]) == 0
     head = capsys.readouterr().out.splitlines()[0]
     if truncation == "drop":  # shown whole, marked
@@ -101,12 +114,12 @@ def test_text_preview_marks_an_over_long_row(tmp_path, shared_data, capsys, trun
         assert "DROPPED" not in head and " 64 tokens" in head
 
 
-def test_stats_and_validate_name_the_format_of_each_file_of_a_folder(tmp_path, shared_data, capsys):
+def test_stats_and_validate_name_the_format_of_each_file_of_a_folder(tmp_path, llama2, capsys):
     folder = tmp_path / "mixed"
     folder.mkdir()
     write(folder, [chat("a", "b")], "chats.jsonl")
     write(folder, [{"prompt": "p", "chosen": "c", "rejected": "r"}], "dpo.jsonl")
-    cfg = config(tmp_path, str(shared_data / "llama2-tokenizer"), [folder])
+    cfg = config(tmp_path, llama2, [folder])
     assert main(["data", "stats", cfg]) == 0
     out = capsys.readouterr().out
     assert f"  format of {folder / 'chats.jsonl'}: messages" in out

@@ -45,13 +45,18 @@ def _wait_for_steps(proc, metrics, n, timeout=120):
     raise AssertionError(f"the run did not reach {n} steps (exit status {proc.poll()})")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_checkpoints_says_how_to_resume_and_the_resumed_run_matches(tmp_path, sig):
-    reference_dir, stopped_dir = tmp_path / "reference", tmp_path / "stopped"
-    for folder in (reference_dir, stopped_dir):
-        folder.mkdir()
+@pytest.fixture(scope="module")
+def reference_losses(tmp_path_factory) -> list[float]:
+    """The losses of the uninterrupted 40-step run, which both signals' resumed runs must give."""
+    reference_dir = tmp_path_factory.mktemp("reference")
     assert main(["train", str(_start_training(reference_dir))]) == 0
+    return _losses(reference_dir / "out")
 
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_checkpoints_says_how_to_resume_and_the_resumed_run_matches(tmp_path, sig, reference_losses):
+    stopped_dir = tmp_path / "stopped"
+    stopped_dir.mkdir()
     config = _start_training(stopped_dir)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
@@ -73,7 +78,7 @@ def test_a_signal_checkpoints_says_how_to_resume_and_the_resumed_run_matches(tmp
     assert [step for step, _ in list_checkpoints(stopped_dir / "out" / "checkpoints")] == [stopped_at]
 
     assert main(["train", str(config), "--resume"]) == 0
-    assert _losses(stopped_dir / "out") == _losses(reference_dir / "out")
+    assert _losses(stopped_dir / "out") == reference_losses
 
 
 def _poison_weights_at(step):

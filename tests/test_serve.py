@@ -22,85 +22,27 @@ from exemplar.cli import main
 from exemplar.data.encode import prompt_encoder
 from exemplar.evaluate import GenerationRequest, HttpGenerator, LocalGenerator, chat_loop
 from exemplar.evaluate.file_generation import failures_path_of
-from exemplar.model import save_model
-from tests.generation_helpers import TAUGHT, taught_model
+from tests.generation_helpers import TAUGHT
+from tests.serve_helpers import LONG
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-# Short taught answers stop at <|im_end|>; the long one runs into the length limit.
-LONG = {"Count to ten": "one two three four five six seven eight nine ten"}
 PROMPTS = [*TAUGHT, *LONG, "Tell me a story", "What is 2+2?", "Reverse: x y", "hi there", "Say bye"]
 MAX_NEW_TOKENS = 6
 API_KEY = "sk-exemplar-test-Zq81v0secret"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def model_dir(served_model_dir) -> Path:
+    return served_model_dir
 
 
 @pytest.fixture(scope="module")
-def model_dir(tokenizer, im_end, tmp_path_factory) -> Path:
-    model = taught_model(tokenizer, {**TAUGHT, **LONG})
-    folder = save_model(model, tokenizer, tmp_path_factory.mktemp("served") / "run", stop_token_ids=[im_end])[
-        "model"
-    ]
-    # transformers serve samples (temperature > 0) only where the folder's generation config says
-    # do_sample; greedy requests (temperature 0) switch it off again. The local backend builds its
-    # own complete config and is unaffected.
-    config_path = folder / "generation_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "do_sample": True}))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    """`transformers serve` on a free 127.0.0.1 port, on the CPU, pinned to the model folder."""
-    from transformers.utils.import_utils import is_serve_available
-
-    if not is_serve_available():
-        pytest.skip('transformers serve needs the serve extra: pip install "exemplar-sft[serve]"')
-    port = free_port()
-    log = (tmp_path_factory.mktemp("serve_log") / "serve.log").open("w")
-    command = [
-        *(
-            sys.executable,
-            "-c",
-            "import sys; from transformers.cli.transformers import main; sys.exit(main())",
-        ),
-        *("serve", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), str(model_dir)),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_healthy(process, url, log.name)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-
-
-def _wait_until_healthy(process: subprocess.Popen, url: str, log_path: str) -> None:
-    for _ in range(240):  # at most a minute
-        if process.poll() is not None:
-            pytest.fail(
-                f"transformers serve exited with {process.returncode}: {Path(log_path).read_text()[-2000:]}"
-            )
-        try:
-            if httpx2.get(url + "/health", timeout=1.0).status_code == 200:
-                return
-        except httpx2.TransportError:
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"transformers serve did not become healthy: {Path(log_path).read_text()[-2000:]}")
+def server(model_dir, serve) -> str:
+    """`transformers serve` on a free 127.0.0.1 port, on the CPU, pinned to the module's model_dir
+    (started once per folder in the session: the curate and eval modules import this fixture)."""
+    return serve(model_dir)
 
 
 class QuietServer(ThreadingHTTPServer):
