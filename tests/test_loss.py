@@ -90,6 +90,26 @@ def test_unknown_logit_transform_falls_back_to_full_logits():
     torch.testing.assert_close(sums.loss_sum / sums.num_trained, expected, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "gpt2", "full_logits"])
+def test_the_loss_without_a_graph_is_the_loss_with_one(kind):
+    """Evaluation (no graph) computes the loss in the logits' own memory: the same numbers as
+    with a graph, for a scaled or softcapped head and for the model's full logits too."""
+    model = tiny_model("gemma2" if kind == "full_logits" else kind, "eager").eval()
+    loss_fn = LMLoss(model, chunk_size=3)
+    if kind == "full_logits":
+        loss_fn.logit_scale = 2.0  # a transform check_head does not recognise: full logits
+        assert not loss_fn.check_head() and loss_fn.full_logits
+    batch = collate_padded(EXAMPLES, pad_id=0)
+    with_graph = loss_fn(batch, with_accuracy=True, reduction="none")
+    with torch.no_grad():
+        tokens = loss_fn(batch, with_accuracy=True, reduction="none")
+        summed = loss_fn(batch, with_accuracy=True)
+    torch.testing.assert_close(tokens.loss_sum, with_graph.loss_sum.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(summed.loss_sum, with_graph.loss_sum.detach().sum(), atol=1e-5, rtol=1e-6)
+    assert torch.equal(tokens.num_correct, with_graph.num_correct)
+    assert int(summed.num_correct) == int(with_graph.num_correct.sum())
+
+
 def test_token_accuracy_is_argmax_over_trained_tokens():
     model = tiny_model("qwen2").eval()
     batch = collate_padded(EXAMPLES, pad_id=0)

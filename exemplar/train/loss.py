@@ -105,6 +105,12 @@ class LMLoss(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Output layer plus whatever the model's own forward does to its logits, in fp32."""
         logits = self.head(hidden).float()
+        if not torch.is_grad_enabled():  # no graph (evaluation): one [n, vocab] tensor, not one per step
+            if self.logit_scale != 1.0:
+                logits.mul_(self.logit_scale)
+            if self.softcap:
+                logits.div_(self.softcap).tanh_().mul_(self.softcap)
+            return logits
         if self.logit_scale != 1.0:
             logits = logits * self.logit_scale
         if self.softcap:
@@ -224,12 +230,32 @@ class LMLoss(nn.Module):
 def _cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, with_accuracy: bool, reduction: str
 ) -> LossSums:
-    loss = F.cross_entropy(logits.float(), targets, reduction=reduction)
+    """Cross-entropy of [n, vocab] logits that the caller owns (a fresh head output or copy):
+    without a graph (evaluation) they are overwritten by their log-softmax."""
     correct = None
     if with_accuracy:
         hits = logits.detach().argmax(dim=-1) == targets
         correct = hits if reduction == "none" else hits.sum()
+    if torch.is_grad_enabled():
+        loss = F.cross_entropy(logits.float(), targets, reduction=reduction)
+    else:
+        # F.cross_entropy would build a second [n, vocab] fp32 tensor (the log-softmax) beside
+        # the logits: twice the memory of a training step's fused loss. Nothing needs the logits
+        # afterwards, so the loss is computed in them.
+        log_probs = logits.float()
+        torch.log_softmax(log_probs, dim=-1, out=log_probs)  # in place (as in the fused path)
+        loss = _reduce(-log_probs.gather(1, targets[:, None]).squeeze(1), reduction)
     return LossSums(loss, targets.numel(), correct)
+
+
+def _reduce(token_loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return token_loss
+    if reduction == "sum":
+        return token_loss.sum()
+    if reduction == "mean":
+        return token_loss.mean()
+    raise ValueError(f"reduction must be 'none', 'sum' or 'mean', not {reduction!r}")
 
 
 # ---------------------------------------------------------------------------------------------
