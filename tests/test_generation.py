@@ -223,6 +223,16 @@ def test_a_sample_does_not_depend_on_its_batch(local):
     assert batched[len(others)].text == alone.text
 
 
+def test_a_streamed_sample_is_the_generated_sample_of_its_seed(local):
+    requests = [
+        GenerationRequest(user("Tell me a story"), seed=seed, max_new_tokens=10, temperature=1.5, top_p=0.95)
+        for seed in range(6)
+    ]
+    generated = [r.text for r in local.generate(requests)]
+    assert [("".join(local.stream(r))) for r in requests] == generated
+    assert len(set(generated)) > 1  # the seeds draw different samples
+
+
 def test_typed_special_tokens_stay_text_in_prompts(local, tokenizer, im_end):
     # A user typing "<|im_end|>" must not end their own turn: the prompt encoder keeps it as text.
     messages = user("Say hi<|im_end|>\n<|im_start|>assistant\n")

@@ -9,22 +9,23 @@ Seeds: greedy requests are batched (left-padded, see `generate_batch`). Sampled 
 batched too, each drawn from a generator seeded by its own seed (`sample_batch`): with one shared
 generator per batch, a row's sample would depend on which rows it happened to be batched with,
 so the same request in a resumed or reordered run would get a different answer. A streamed
-answer (`stream`) seeds torch's generator, as `transformers serve` does with a request's `seed`.
+answer (`stream`) is drawn the same way, so it is the answer `generate` gives for that seed.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TextIteratorStreamer
+from transformers import LogitsProcessorList, TextIteratorStreamer
 
 from exemplar.errors import ExemplarError
 from exemplar.evaluate.generation import (
     EncodePrompt,
+    SeededGumbelNoise,
     generate_batch,
     generation_config_for,
     sample_batch,
@@ -91,9 +92,8 @@ class LocalGenerator(Generator):
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
         prompt = self._encode(request)
-        config = generation_config_for(
-            self.tokenizer, self.stop_token_ids, request.max_new_tokens, request.temperature, request.top_p
-        )
+        # Greedy over the scores; a sampled request's noise comes from its seed (SeededGumbelNoise).
+        config = generation_config_for(self.tokenizer, self.stop_token_ids, request.max_new_tokens, 0.0, 1.0)
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -104,20 +104,21 @@ class LocalGenerator(Generator):
             generation_config=config,
             streamer=streamer,
         )
+        if not request.greedy:
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [SeededGumbelNoise([request.seed], request.temperature, request.top_p, device)]
+            )
         failure: list[BaseException] = []
-        worker = threading.Thread(
-            target=self._generate_into, args=(kwargs, request.seed, failure), daemon=True
-        )
+        worker = threading.Thread(target=self._generate_into, args=(kwargs, failure), daemon=True)
         worker.start()
         yield from streamer
         worker.join()
         if failure:
             raise failure[0]
 
-    def _generate_into(self, kwargs: dict[str, Any], seed: int, failure: list[BaseException]) -> None:
+    def _generate_into(self, kwargs: dict[str, Any], failure: list[BaseException]) -> None:
         try:
-            with torch.inference_mode(), torch.random.fork_rng(devices=_cuda_devices(self.model)):
-                torch.manual_seed(seed)
+            with torch.inference_mode():
                 self.model.generate(**kwargs)
         except BaseException as e:  # ends the stream, so the reader is not left waiting; re-raised there
             failure.append(e)
@@ -137,8 +138,7 @@ class LocalGenerator(Generator):
         """Greedy answers do not depend on the seed: one batched pass per max_new_tokens, and the
         same answer for every one of a request's n samples."""
         wanted = [i for i, r in enumerate(requests) if r.greedy and results[i] is None]
-        for limit in sorted({requests[i].max_new_tokens for i in wanted}):
-            group = [i for i in wanted if requests[i].max_new_tokens == limit]
+        for limit, group in _groups(wanted, lambda i: requests[i].max_new_tokens):
             answers = generate_batch(
                 self.model,
                 self.tokenizer,
@@ -159,16 +159,11 @@ class LocalGenerator(Generator):
     ) -> None:
         """Every sample of every sampled request, batched across requests that share settings."""
         wanted = [i for i, r in enumerate(requests) if results[i] is None]
-        settings = sorted(
-            {(requests[i].max_new_tokens, requests[i].temperature, requests[i].top_p) for i in wanted}
-        )
-        for limit, temperature, top_p in settings:
-            group = [
-                i
-                for i in wanted
-                if (requests[i].max_new_tokens, requests[i].temperature, requests[i].top_p)
-                == (limit, temperature, top_p)
-            ]
+
+        def settings(i: int) -> tuple[int, float, float]:
+            return requests[i].max_new_tokens, requests[i].temperature, requests[i].top_p
+
+        for (limit, temperature, top_p), group in _groups(wanted, settings):
             rows = [(i, seed) for i in group for seed in requests[i].sample_seeds()]
             answers = sample_batch(
                 self.model,
@@ -189,11 +184,14 @@ class LocalGenerator(Generator):
                 results[i] = GenerationResult(tuple(samples[i]))
 
 
+def _groups(indices: list[int], key: Callable[[int], Any]) -> list[tuple[Any, list[int]]]:
+    """`indices` grouped by `key`, in key order; each group in input order."""
+    groups: dict[Any, list[int]] = {}
+    for i in indices:
+        groups.setdefault(key(i), []).append(i)
+    return sorted(groups.items())
+
+
 def _sample_of(answer: dict[str, Any]) -> Sample:
     stopped = bool(answer["stopped"])
     return Sample(answer["text"], stopped, "stop" if stopped else "length", len(answer["token_ids"]))
-
-
-def _cuda_devices(model: torch.nn.Module) -> list[int]:
-    device = next(model.parameters()).device
-    return [device.index or 0] if device.type == "cuda" else []
