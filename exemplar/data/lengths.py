@@ -39,7 +39,7 @@ def _counts(dataset: Any, trained: bool) -> tuple[np.ndarray, int]:
     names = set(dataset.column_names)
     length_column = "length" if "length" in names else "input_ids"
     trained_column = "trained_tokens" if "trained_tokens" in names else "labels"
-    wanted = [length_column] + ([trained_column] if trained and trained_column != length_column else [])
+    wanted = [length_column] + ([trained_column] if trained else [])
     small = all(c in ("length", "trained_tokens") for c in wanted)
     view = dataset.select_columns(wanted).with_format("arrow")
     parts, total = [], 0

@@ -13,6 +13,10 @@ from typing import Any
 ROLES = ("system", "user", "assistant", "tool")
 
 
+# The message keys chat templates read an assistant's reasoning from (no template reads both).
+TEMPLATE_REASONING_KEYS = ("reasoning_content", "thinking")
+
+
 @dataclass
 class Message:
     role: str  # one of ROLES
@@ -42,10 +46,6 @@ class Message:
             for name in TEMPLATE_REASONING_KEYS:
                 out[name] = self.reasoning_content
         return out
-
-
-# The message keys chat templates read an assistant's reasoning from (no template reads both).
-TEMPLATE_REASONING_KEYS = ("reasoning_content", "thinking")
 
 
 @dataclass
